@@ -15,3 +15,4 @@ pub mod image;
 pub mod memory;
 pub mod paging;
 pub mod symbols;
+pub mod linux;

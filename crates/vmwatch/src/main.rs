@@ -1,11 +1,16 @@
 //! `vmwatch`: a thin command line over the `vmi` and `lab` libraries.
 
+mod inspect_cmd;
 mod lab_cmd;
 
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "vmwatch", version, about = "Hypervisor-side security for Linux VMs")]
+#[command(
+    name = "vmwatch",
+    version,
+    about = "Hypervisor-side security for Linux VMs"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -17,6 +22,34 @@ enum Command {
     Lab {
         #[command(subcommand)]
         command: lab_cmd::LabCommand,
+    },
+    /// List the guest's processes from its kernel's task list.
+    Ps {
+        #[command(flatten)]
+        target: inspect_cmd::Target,
+    },
+    /// List open files of the guest's processes.
+    Lsof {
+        #[command(flatten)]
+        target: inspect_cmd::Target,
+        /// Only this process (tgid).
+        #[arg(long)]
+        pid: Option<i32>,
+    },
+    /// List sockets held by the guest's processes.
+    Sockets {
+        #[command(flatten)]
+        target: inspect_cmd::Target,
+    },
+    /// List the guest's loaded kernel modules.
+    Modules {
+        #[command(flatten)]
+        target: inspect_cmd::Target,
+    },
+    /// Show where the guest's kernel is (KASLR slides, page-table root).
+    Kernel {
+        #[command(flatten)]
+        target: inspect_cmd::Target,
     },
 }
 
@@ -31,6 +64,11 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Lab { command } => lab_cmd::run(command),
+        Command::Ps { target } => inspect_cmd::ps(&target),
+        Command::Lsof { target, pid } => inspect_cmd::lsof(&target, pid),
+        Command::Sockets { target } => inspect_cmd::sockets(&target),
+        Command::Modules { target } => inspect_cmd::modules(&target),
+        Command::Kernel { target } => inspect_cmd::kernel(&target),
     };
     if let Err(err) = result {
         // One line that says what is wrong and what to do.

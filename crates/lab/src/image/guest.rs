@@ -1,0 +1,81 @@
+//! Files we write into the guest image ourselves: init, inittab, users.
+//!
+//! Boot: the kernel runs `/init` (busybox sh), which mounts the pseudo
+//! filesystems, sets the hostname from `vmwatch.name=` on the kernel command
+//! line, brings `lo` up and hands PID 1 to busybox `init`. busybox init reaps
+//! orphans and respawns the agent on `/dev/ttyS1` (and a shell on the console).
+
+/// `/init`.
+pub const INIT: &str = r#"#!/bin/sh
+# vmwatch lab guest init (written by `vmwatch lab build`; do not edit in the guest).
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mkdir -p /dev/pts /dev/shm
+mount -t devpts devpts /dev/pts
+mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /tmp
+mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /run
+mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /dev/shm
+name=lab
+for arg in $(cat /proc/cmdline); do
+  case "$arg" in
+    vmwatch.name=*) name="${arg#vmwatch.name=}" ;;
+  esac
+done
+hostname "$name"
+echo "$name" > /etc/hostname
+echo "127.0.0.1 localhost $name" > /etc/hosts
+ip link set lo up
+echo "vmwatch: guest $name init done at $(cut -d' ' -f1 /proc/uptime)s"
+exec /usr/bin/busybox init
+"#;
+
+/// `/etc/inittab` for busybox init.
+pub const INITTAB: &str = "\
+::sysinit:/bin/true
+::respawn:/usr/sbin/vmwatch-agent-loop
+ttyS0::respawn:-/bin/sh
+::ctrlaltdel:/sbin/poweroff -f
+::shutdown:/bin/sync
+";
+
+/// `/usr/sbin/vmwatch-agent-loop`: one agent life, then a pause so a broken
+/// agent cannot spin (busybox init respawns this script at once).
+pub const AGENT_LOOP: &str = r#"#!/bin/sh
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8
+cd /
+/usr/sbin/vmwatch-agent /dev/ttyS1 </dev/null >/dev/null 2>>/run/vmwatch-agent.err
+sleep 1
+"#;
+
+pub const PASSWD: &str = "\
+root:x:0:0:root:/root:/bin/sh
+daemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin
+user:x:1000:1000:lab user:/home/user:/bin/sh
+nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin
+";
+
+pub const GROUP: &str = "\
+root:x:0:
+daemon:x:1:
+user:x:1000:
+nogroup:x:65534:
+";
+
+pub const PROFILE: &str = r#"export PATH=/usr/sbin:/usr/bin:/sbin:/bin
+export PS1='\h:\w\$ '
+"#;
+
+/// Every guest file with its path and mode.
+pub fn files() -> [(&'static str, &'static str, u32); 7] {
+    [
+        ("init", INIT, 0o755),
+        ("etc/inittab", INITTAB, 0o644),
+        ("usr/sbin/vmwatch-agent-loop", AGENT_LOOP, 0o755),
+        ("etc/passwd", PASSWD, 0o644),
+        ("etc/group", GROUP, 0o644),
+        ("etc/profile", PROFILE, 0o644),
+        ("etc/shells", "/bin/sh\n/bin/bash\n", 0o644),
+    ]
+}

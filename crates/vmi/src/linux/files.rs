@@ -1,0 +1,212 @@
+//! Open files: each process's fd table, and paths rebuilt the way the
+//! kernel's `d_path` does (dentry names up to the mount root, then across
+//! mounts up to the namespace root).
+
+use super::{limits, lossy, LinuxGuest, Listing, Warning};
+use crate::paging::PagingError;
+
+/// Filesystem magic numbers (include/uapi/linux/magic.h); part of the ABI.
+const PIPEFS_MAGIC: u64 = 0x5049_5045;
+const SOCKFS_MAGIC: u64 = 0x534f_434b;
+const ANON_INODE_FS_MAGIC: u64 = 0x0904_1934;
+
+/// What kind of object an fd refers to (from the inode's mode and filesystem).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FileKind {
+    Regular,
+    Directory,
+    CharDevice,
+    BlockDevice,
+    Fifo,
+    Pipe,
+    Socket,
+    Symlink,
+    AnonInode,
+    Unknown,
+}
+
+/// One open file descriptor.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct OpenFile {
+    pub pid: i32,
+    pub comm: String,
+    pub fd: u32,
+    pub kind: FileKind,
+    /// As `readlink /proc/PID/fd/N` shows it: a path, `pipe:[INO]`, `socket:[INO]`, `anon_inode:NAME`.
+    pub path: String,
+    pub inode: u64,
+    /// Address of the `struct file`.
+    pub file: u64,
+}
+
+impl LinuxGuest {
+    /// Open files of every process (or only of `pid`).
+    pub fn open_files(&self, pid: Option<i32>) -> Listing<OpenFile> {
+        let procs = self.processes();
+        let mut warnings = procs.warnings;
+        let mut items = Vec::new();
+        for p in procs.items {
+            if pid.is_some_and(|want| want != p.tgid) {
+                continue;
+            }
+            match self.fds_of(p.task) {
+                Ok((files, mut w)) => {
+                    warnings.append(&mut w);
+                    for (fd, file) in files {
+                        match self.describe_file(file) {
+                            Ok((kind, path, inode)) => items.push(OpenFile {
+                                pid: p.tgid,
+                                comm: p.comm.clone(),
+                                fd,
+                                kind,
+                                path,
+                                inode,
+                                file,
+                            }),
+                            Err(e) => warnings.push(Warning {
+                                message: format!("pid {} fd {fd}: file {file:#x}: {e}", p.tgid),
+                            }),
+                        }
+                    }
+                }
+                Err(e) => warnings.push(Warning {
+                    message: format!("pid {}: fd table: {e}", p.tgid),
+                }),
+            }
+        }
+        Listing { items, warnings }
+    }
+
+    /// Non-null `(fd, struct file *)` pairs of a task's fd table.
+    pub fn fds_of(&self, task: u64) -> Result<(Vec<(u32, u64)>, Vec<Warning>), PagingError> {
+        let l = self.layout();
+        let k = self.kernel_space();
+        let files = self.read_ptr(task + l.task_files)?;
+        if files == 0 {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let fdt = self.read_ptr(files + l.files_fdt)?;
+        let max_fds = u64::from(k.read_u32(fdt + l.fdtable_max_fds)?);
+        let mut warnings = Vec::new();
+        if max_fds > limits::MAX_FDS {
+            warnings.push(Warning {
+                message: format!(
+                    "task {task:#x}: fd table claims {max_fds} slots; examining the first {}",
+                    limits::MAX_FDS
+                ),
+            });
+        }
+        let n = max_fds.min(limits::MAX_FDS);
+        let array = self.read_ptr(fdt + l.fdtable_fd)?;
+        let mut out = Vec::new();
+        // Read the pointer array a page at a time.
+        let mut buf = vec![0u8; 4096];
+        let mut fd = 0u64;
+        while fd < n {
+            let chunk = ((n - fd) * 8).min(4096) as usize;
+            k.read(array + fd * 8, &mut buf[..chunk])?;
+            for (i, ptr) in buf[..chunk].chunks_exact(8).enumerate() {
+                let file = u64::from_le_bytes(ptr.try_into().unwrap_or_default());
+                if file != 0 {
+                    out.push(((fd + i as u64) as u32, file));
+                }
+            }
+            fd += (chunk / 8) as u64;
+        }
+        Ok((out, warnings))
+    }
+
+    /// Kind, display path and inode number of a `struct file`.
+    pub fn describe_file(&self, file: u64) -> Result<(FileKind, String, u64), PagingError> {
+        let l = self.layout();
+        let k = self.kernel_space();
+        let inode = self.read_ptr(file + l.file_inode)?;
+        let ino = k.read_u64(inode + l.inode_ino)?;
+        let mode = k.read_u16(inode + l.inode_mode)?;
+        let sb = self.read_ptr(inode + l.inode_sb)?;
+        let magic = k.read_u64(sb + l.sb_magic)?;
+        let kind = match (magic, mode & 0o170000) {
+            (PIPEFS_MAGIC, _) => FileKind::Pipe,
+            (SOCKFS_MAGIC, _) | (_, 0o140000) => FileKind::Socket,
+            (ANON_INODE_FS_MAGIC, _) => FileKind::AnonInode,
+            (_, 0o100000) => FileKind::Regular,
+            (_, 0o040000) => FileKind::Directory,
+            (_, 0o020000) => FileKind::CharDevice,
+            (_, 0o060000) => FileKind::BlockDevice,
+            (_, 0o010000) => FileKind::Fifo,
+            (_, 0o120000) => FileKind::Symlink,
+            _ => FileKind::Unknown,
+        };
+        let path = match kind {
+            FileKind::Pipe => format!("pipe:[{ino}]"),
+            FileKind::Socket if magic == SOCKFS_MAGIC => format!("socket:[{ino}]"),
+            FileKind::AnonInode => {
+                let dentry = self.read_ptr(file + l.file_path + l.path_dentry)?;
+                format!("anon_inode:{}", self.dentry_name(dentry)?)
+            }
+            _ => self.file_path(file)?,
+        };
+        Ok((kind, path, ino))
+    }
+
+    fn dentry_name(&self, dentry: u64) -> Result<String, PagingError> {
+        let l = self.layout();
+        let k = self.kernel_space();
+        let len = k.read_u32(dentry + l.dentry_name + l.qstr_len)? as usize;
+        let name = self.read_ptr(dentry + l.dentry_name + l.qstr_name)?;
+        let mut buf = vec![0u8; len.min(limits::MAX_NAME_LEN)];
+        k.read(name, &mut buf)?;
+        Ok(lossy(&buf))
+    }
+
+    /// The path of a `struct file`, as `d_path` would print it from the namespace root.
+    pub fn file_path(&self, file: u64) -> Result<String, PagingError> {
+        let l = self.layout();
+        let mnt = self.read_ptr(file + l.file_path + l.path_mnt)?;
+        let dentry = self.read_ptr(file + l.file_path + l.path_dentry)?;
+        self.path_of(mnt, dentry)
+    }
+
+    /// Rebuilds a path from a (vfsmount, dentry) pair; bounded.
+    pub fn path_of(&self, mut vfsmount: u64, mut dentry: u64) -> Result<String, PagingError> {
+        let l = self.layout();
+        let mut components: Vec<String> = Vec::new();
+        let mut total = 0usize;
+        for _ in 0..limits::MAX_PATH_COMPONENTS {
+            let mnt_root = self.read_ptr(vfsmount + l.vfsmount_root)?;
+            if dentry == mnt_root {
+                // Cross to the parent mount, unless this is the namespace root.
+                let mount = vfsmount.wrapping_sub(l.mount_mnt);
+                let parent = self.read_ptr(mount + l.mount_parent)?;
+                if parent == mount || parent == 0 {
+                    break;
+                }
+                dentry = self.read_ptr(mount + l.mount_mountpoint)?;
+                vfsmount = parent.wrapping_add(l.mount_mnt);
+                continue;
+            }
+            let parent = self.read_ptr(dentry + l.dentry_parent)?;
+            if parent == dentry {
+                // Root of a filesystem that is not mounted here (e.g. a detached mount).
+                break;
+            }
+            let name = self.dentry_name(dentry)?;
+            total += name.len() + 1;
+            if total > limits::MAX_PATH_LEN {
+                break;
+            }
+            components.push(name);
+            dentry = parent;
+        }
+        if components.is_empty() {
+            return Ok("/".to_string());
+        }
+        let mut path = String::with_capacity(total);
+        for c in components.iter().rev() {
+            path.push('/');
+            path.push_str(c);
+        }
+        Ok(path)
+    }
+}

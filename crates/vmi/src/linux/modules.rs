@@ -1,0 +1,108 @@
+//! Loaded kernel modules: the `modules` list.
+
+use super::{limits, lossy, walk_list, LinuxGuest, Listing, ModuleMemLayout, Warning};
+use crate::paging::PagingError;
+
+/// One loaded module, with the figures /proc/modules shows.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Module {
+    pub name: String,
+    /// Start of the module's text (/proc/modules' address column).
+    pub base: u64,
+    /// Total size of its memory (/proc/modules' size column).
+    pub size: u64,
+    /// "Live", "Coming", "Going", "Unformed".
+    pub state: &'static str,
+    /// Address of the `struct module`.
+    pub module: u64,
+}
+
+impl LinuxGuest {
+    /// Modules on the kernel's `modules` list, in list order (newest first, like /proc/modules).
+    pub fn modules(&self) -> Listing<Module> {
+        let mut warnings = Vec::new();
+        let head = match self.symbol("modules") {
+            Ok(a) => a,
+            Err(e) => {
+                warnings.push(Warning {
+                    message: e.to_string(),
+                });
+                return Listing {
+                    items: Vec::new(),
+                    warnings,
+                };
+            }
+        };
+        let (links, mut w) = walk_list(
+            self.kernel_space(),
+            head,
+            limits::MAX_MODULES,
+            "module list",
+        );
+        warnings.append(&mut w);
+        let l = self.layout();
+        let mut items = Vec::new();
+        for link in links {
+            let module = link.wrapping_sub(l.module_list);
+            match self.read_module(module) {
+                Ok(m) => items.push(m),
+                Err(e) => warnings.push(Warning {
+                    message: format!("struct module at {module:#x}: {e}"),
+                }),
+            }
+        }
+        Listing { items, warnings }
+    }
+
+    /// Reads one `struct module`.
+    pub fn read_module(&self, module: u64) -> Result<Module, PagingError> {
+        let l = self.layout();
+        let k = self.kernel_space();
+        let mut name = vec![0u8; l.module_name_len as usize];
+        k.read(module + l.module_name, &mut name)?;
+        let state = match k.read_u32(module + l.module_state)? {
+            0 => "Live",
+            1 => "Coming",
+            2 => "Going",
+            3 => "Unformed",
+            _ => "?",
+        };
+        let (base, size) = match &l.module_mem {
+            ModuleMemLayout::MemArray {
+                mem,
+                elem_size,
+                count,
+                text_index,
+                base,
+                size,
+            } => {
+                let text = module + mem + text_index * elem_size;
+                let b = k.read_u64(text + base)?;
+                let mut total = 0u64;
+                for i in 0..*count {
+                    let m = module + mem + i * elem_size;
+                    total = total.saturating_add(u64::from(k.read_u32(m + size)?));
+                }
+                (b, total)
+            }
+            ModuleMemLayout::Layouts {
+                core,
+                init,
+                base,
+                size,
+            } => {
+                let b = k.read_u64(module + core + base)?;
+                let core_size = u64::from(k.read_u32(module + core + size)?);
+                let init_size = u64::from(k.read_u32(module + init + size)?);
+                (b, core_size.saturating_add(init_size))
+            }
+        };
+        Ok(Module {
+            name: lossy(&name),
+            base,
+            size,
+            state,
+            module,
+        })
+    }
+}

@@ -1,0 +1,149 @@
+//! Processes: the kernel's task list, from `init_task` over `tasks`.
+
+use super::{limits, lossy, walk_list, LinuxGuest, Listing, Warning};
+use crate::paging::PagingError;
+
+/// One process (thread-group leader), as the kernel's structures say.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Process {
+    pub pid: i32,
+    pub tgid: i32,
+    pub ppid: i32,
+    pub comm: String,
+    pub uid: u32,
+    pub euid: u32,
+    pub gid: u32,
+    /// `/proc/PID/status`-style state letter (R, S, D, T, t, X, Z, P, I).
+    pub state: char,
+    /// Executable path (`mm->exe_file`); None for kernel threads.
+    pub exe: Option<String>,
+    /// True for kernel threads (no `mm`).
+    pub kernel_thread: bool,
+    /// Physical address of the page-table root (the process's CR3 without PCID bits).
+    pub pgd_phys: Option<u64>,
+    /// Address of the `task_struct`.
+    pub task: u64,
+}
+
+/// Maps the kernel's task state to the letter /proc shows (kernel's `task_state_index`).
+fn state_letter(state: u32, exit_state: u32) -> char {
+    const TASK_REPORT: u32 = 0x7f;
+    const TASK_IDLE: u32 = 0x402; // TASK_UNINTERRUPTIBLE | TASK_NOLOAD
+    const TASK_RTLOCK_WAIT: u32 = 0x1000;
+    let mut report = (state | exit_state) & TASK_REPORT;
+    if state == TASK_IDLE {
+        report = TASK_REPORT + 1;
+    }
+    if state == TASK_RTLOCK_WAIT {
+        report = 2;
+    }
+    let index = 32 - report.leading_zeros();
+    b"RSDTtXZPI".get(index as usize).map_or('?', |&c| c as char)
+}
+
+impl LinuxGuest {
+    /// Every process in the task list, `init_task` (pid 0) excluded, like /proc.
+    pub fn processes(&self) -> Listing<Process> {
+        let mut warnings = Vec::new();
+        let init_task = match self.symbol("init_task") {
+            Ok(a) => a,
+            Err(e) => {
+                warnings.push(Warning {
+                    message: e.to_string(),
+                });
+                return Listing {
+                    items: Vec::new(),
+                    warnings,
+                };
+            }
+        };
+        let l = self.layout();
+        let (links, mut walk_warnings) = walk_list(
+            self.kernel_space(),
+            init_task + l.task_tasks,
+            limits::MAX_TASKS,
+            "task list",
+        );
+        warnings.append(&mut walk_warnings);
+        let mut items = Vec::with_capacity(links.len());
+        for link in links {
+            let task = link.wrapping_sub(l.task_tasks);
+            match self.read_process(task) {
+                Ok(p) => items.push(p),
+                Err(e) => warnings.push(Warning {
+                    message: format!("task_struct at {task:#x}: {e}"),
+                }),
+            }
+        }
+        Listing { items, warnings }
+    }
+
+    /// Reads one `task_struct`.
+    pub fn read_process(&self, task: u64) -> Result<Process, PagingError> {
+        let k = self.kernel_space();
+        let l = self.layout();
+        let pid = k.read_u32(task + l.task_pid)? as i32;
+        let tgid = k.read_u32(task + l.task_tgid)? as i32;
+        let mut comm = vec![0u8; l.task_comm_len as usize];
+        k.read(task + l.task_comm, &mut comm)?;
+        let parent = self.read_ptr(task + l.task_real_parent)?;
+        // pid 1's and kthreadd's parent is init_task, whose tgid is 0, as /proc shows.
+        let ppid = k.read_u32(parent + l.task_tgid)? as i32;
+        let cred = self.read_ptr(task + l.task_cred)?;
+        let uid = k.read_u32(cred + l.cred_uid)?;
+        let euid = k.read_u32(cred + l.cred_euid)?;
+        let gid = k.read_u32(cred + l.cred_gid)?;
+        let state = k.read_u32(task + l.task_state)?;
+        let exit_state = k.read_u32(task + l.task_exit_state)?;
+        let mm = self.read_ptr(task + l.task_mm)?;
+        let (exe, pgd_phys) = if mm == 0 {
+            (None, None)
+        } else {
+            let exe_file = self.read_ptr(mm + l.mm_exe_file).unwrap_or(0);
+            let exe = if exe_file == 0 {
+                None
+            } else {
+                self.file_path(exe_file).ok()
+            };
+            let pgd = self.read_ptr(mm + l.mm_pgd).unwrap_or(0);
+            let pgd_phys = self.kernel_space().translate(pgd).ok().map(|t| t.pa);
+            (exe, pgd_phys)
+        };
+        Ok(Process {
+            pid,
+            tgid,
+            ppid,
+            comm: lossy(&comm),
+            uid,
+            euid,
+            gid,
+            state: state_letter(state, exit_state),
+            exe,
+            kernel_thread: mm == 0,
+            pgd_phys,
+            task,
+        })
+    }
+
+    /// Finds the process with this tgid.
+    pub fn find_process(&self, pid: i32) -> Option<Process> {
+        self.processes().items.into_iter().find(|p| p.tgid == pid)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::state_letter;
+
+    #[test]
+    fn state_letters_match_the_kernel() {
+        assert_eq!(state_letter(0, 0), 'R');
+        assert_eq!(state_letter(1, 0), 'S');
+        assert_eq!(state_letter(2, 0), 'D');
+        assert_eq!(state_letter(4, 0), 'T');
+        assert_eq!(state_letter(8, 0), 't');
+        assert_eq!(state_letter(0, 0x20), 'Z');
+        assert_eq!(state_letter(0x402, 0), 'I');
+        assert_eq!(state_letter(0x40, 0), 'P');
+    }
+}
