@@ -51,9 +51,9 @@ impl LinuxGuest {
                 continue;
             }
             match self.fds_of(p.task) {
-                Ok((files, mut w)) => {
-                    warnings.append(&mut w);
-                    for (fd, file) in files {
+                Ok(mut fds) => {
+                    warnings.append(&mut fds.warnings);
+                    for (fd, file) in fds.items {
                         match self.describe_file(file) {
                             Ok((kind, path, inode)) => items.push(OpenFile {
                                 pid: p.tgid,
@@ -79,12 +79,15 @@ impl LinuxGuest {
     }
 
     /// Non-null `(fd, struct file *)` pairs of a task's fd table.
-    pub fn fds_of(&self, task: u64) -> Result<(Vec<(u32, u64)>, Vec<Warning>), PagingError> {
+    pub fn fds_of(&self, task: u64) -> Result<Listing<(u32, u64)>, PagingError> {
         let l = self.layout();
         let k = self.kernel_space();
         let files = self.read_ptr(task + l.task_files)?;
         if files == 0 {
-            return Ok((Vec::new(), Vec::new()));
+            return Ok(Listing {
+                items: Vec::new(),
+                warnings: Vec::new(),
+            });
         }
         let fdt = self.read_ptr(files + l.files_fdt)?;
         let max_fds = u64::from(k.read_u32(fdt + l.fdtable_max_fds)?);
@@ -114,7 +117,10 @@ impl LinuxGuest {
             }
             fd += (chunk / 8) as u64;
         }
-        Ok((out, warnings))
+        Ok(Listing {
+            items: out,
+            warnings,
+        })
     }
 
     /// Kind, display path and inode number of a `struct file`.
@@ -165,7 +171,14 @@ impl LinuxGuest {
         let l = self.layout();
         let mnt = self.read_ptr(file + l.file_path + l.path_mnt)?;
         let dentry = self.read_ptr(file + l.file_path + l.path_dentry)?;
-        self.path_of(mnt, dentry)
+        let mut path = self.path_of(mnt, dentry)?;
+        // Like d_path: an unhashed dentry that is not a root was unlinked.
+        let pprev = self.read_ptr(dentry + l.dentry_hash_pprev)?;
+        let parent = self.read_ptr(dentry + l.dentry_parent)?;
+        if pprev == 0 && parent != dentry {
+            path.push_str(" (deleted)");
+        }
+        Ok(path)
     }
 
     /// Rebuilds a path from a (vfsmount, dentry) pair; bounded.

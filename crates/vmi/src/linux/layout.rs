@@ -36,6 +36,8 @@ pub struct Layout {
     pub path_dentry: u64,
     pub dentry_name: u64,
     pub dentry_parent: u64,
+    /// `d_hash.pprev`: NULL when the dentry is unhashed (unlinked).
+    pub dentry_hash_pprev: u64,
     pub qstr_name: u64,
     pub qstr_len: u64,
     pub inode_ino: u64,
@@ -159,6 +161,7 @@ impl Layout {
             path_dentry: off("path", "dentry")?,
             dentry_name: off("dentry", "d_name")?,
             dentry_parent: off("dentry", "d_parent")?,
+            dentry_hash_pprev: off("dentry", "d_hash.pprev")?,
             qstr_name: off("qstr", "name")?,
             qstr_len,
             inode_ino: off("inode", "i_ino")?,

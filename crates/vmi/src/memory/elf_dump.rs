@@ -223,14 +223,16 @@ impl ElfDumpMemory {
     /// if it is not an x86 ELF core file with at least one `PT_LOAD`.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, MemoryError> {
         let path = path.as_ref();
-        let region = MappedRegion::open(path, false).map_err(|e| match e {
-            MemoryError::Open { reason, .. } if reason == "file is empty" => MemoryError::Format {
+        // An empty file cannot be mapped; say what it is not rather than
+        // failing in mmap.
+        if std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.len() == 0) {
+            return Err(MemoryError::Format {
                 path: path.display().to_string(),
                 expected: EXPECTED,
                 reason: format!("the file is empty; {HOW_TO}"),
-            },
-            e => e,
-        })?;
+            });
+        }
+        let region = MappedRegion::open(path, false)?;
         Self::parse(path.to_path_buf(), Backing::Mapped(region))
     }
 
@@ -790,9 +792,57 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn pn_xnum_reads_the_count_from_section_zero() {
+        let mut bytes = sample();
+        let phnum = u16::from_le_bytes([bytes[56], bytes[57]]);
+        let shoff = bytes.len() as u64;
+        let mut sh0 = vec![0u8; 64];
+        sh0[44..48].copy_from_slice(&u32::from(phnum).to_le_bytes());
+        bytes.extend(sh0);
+        bytes[40..48].copy_from_slice(&shoff.to_le_bytes());
+        bytes[56..58].copy_from_slice(&PN_XNUM.to_le_bytes());
+        bytes[58..60].copy_from_slice(&64u16.to_le_bytes());
+        bytes[60..62].copy_from_slice(&1u16.to_le_bytes());
+        let dump = ElfDumpMemory::from_bytes(bytes.clone()).unwrap();
+        assert_eq!(dump.ranges().len(), 2);
+        assert_eq!(dump.cpu_states().len(), 2);
+        // A bogus huge count is refused, not allocated.
+        let n = bytes.len();
+        bytes[n - 20..n - 16].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(ElfDumpMemory::from_bytes(bytes)
+            .unwrap_err()
+            .to_string()
+            .contains("program headers"));
+    }
+
+    #[test]
+    fn elf32_cores_parse() {
+        // Header (52) + one PT_LOAD (32) + 16 bytes of RAM at gpa 0x1000.
+        let mut b = vec![0u8; 52];
+        b[..4].copy_from_slice(b"\x7fELF");
+        b[4] = 1;
+        b[5] = 1;
+        b[16..18].copy_from_slice(&ET_CORE.to_le_bytes());
+        b[18..20].copy_from_slice(&EM_386.to_le_bytes());
+        b[28..32].copy_from_slice(&52u32.to_le_bytes());
+        b[42..44].copy_from_slice(&32u16.to_le_bytes());
+        b[44..46].copy_from_slice(&1u16.to_le_bytes());
+        let mut ph = vec![0u8; 32];
+        ph[0..4].copy_from_slice(&PT_LOAD.to_le_bytes());
+        ph[4..8].copy_from_slice(&84u32.to_le_bytes());
+        ph[12..16].copy_from_slice(&0x1000u32.to_le_bytes());
+        ph[16..20].copy_from_slice(&16u32.to_le_bytes());
+        b.extend(ph);
+        b.extend(0u8..16);
+        let dump = ElfDumpMemory::from_bytes(b).unwrap();
+        assert_eq!(dump.read_u64(0x1008).unwrap(), 0x0f0e_0d0c_0b0a_0908);
+        assert!(dump.cpu_states().is_empty());
+        assert_eq!(dump.vmcoreinfo(), None);
+    }
+
+    #[test]
     fn open_maps_a_file() {
-        let dir = std::env::temp_dir().join(format!("vmi-elf-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = crate::memory::TestDir::new("elf");
         let path = dir.join("dump.elf");
         std::fs::write(&path, sample()).unwrap();
         let dump = ElfDumpMemory::open(&path).unwrap();

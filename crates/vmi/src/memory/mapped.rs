@@ -242,12 +242,11 @@ impl PhysicalMemory for MappedFileMemory {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::memory::TestDir;
     use std::io::Write;
 
     /// A temp file of `len` bytes where byte i == (i / 4096) as u8 ^ (i as u8).
-    fn temp_file(name: &str, len: usize) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("vmi-mapped-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+    fn temp_file(dir: &TestDir, name: &str, len: usize) -> PathBuf {
         let path = dir.join(name);
         let data: Vec<u8> = (0..len).map(|i| ((i / 4096) as u8) ^ (i as u8)).collect();
         std::fs::File::create(&path)
@@ -276,7 +275,8 @@ mod tests {
 
     #[test]
     fn reads_through_two_ranges_with_a_hole() {
-        let path = temp_file("two", 0x5000);
+        let dir = TestDir::new("mapped");
+        let path = temp_file(&dir, "two", 0x5000);
         let mem = MappedFileMemory::open(&path, two_ranges(), false).unwrap();
         assert_eq!(mem.ranges().len(), 2);
         assert_eq!(mem.ranges()[0].gpa, 0, "sorted by gpa");
@@ -315,7 +315,8 @@ mod tests {
 
     #[test]
     fn writes_are_visible_through_the_file_and_all_or_nothing() {
-        let path = temp_file("rw", 0x5000);
+        let dir = TestDir::new("mapped");
+        let path = temp_file(&dir, "rw", 0x5000);
         let mem = MappedFileMemory::open(&path, two_ranges(), true).unwrap();
         mem.write_phys(0x10100, b"hello").unwrap();
         let other = MappedFileMemory::open_identity(&path, false).unwrap();
@@ -337,7 +338,8 @@ mod tests {
 
     #[test]
     fn adjacent_ranges_merge_and_bad_ranges_are_rejected() {
-        let path = temp_file("bad", 0x4000);
+        let dir = TestDir::new("mapped");
+        let path = temp_file(&dir, "bad", 0x4000);
         let adjacent = vec![
             PhysRange::single(0x1000),
             PhysRange {
@@ -368,7 +370,8 @@ mod tests {
 
     #[test]
     fn gpa_adjacent_ranges_from_different_file_places_read_across() {
-        let path = temp_file("split", 0x4000);
+        let dir = TestDir::new("mapped");
+        let path = temp_file(&dir, "split", 0x4000);
         // gpa 0..0x1000 from file 0x3000, gpa 0x1000..0x2000 from file 0.
         let ranges = vec![
             PhysRange {

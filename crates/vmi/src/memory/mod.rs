@@ -5,6 +5,11 @@
 //! ([`RawMemory`]). QEMU does not lay RAM out linearly: RAM above the PCI hole
 //! sits at guest-physical 4 GiB but follows the low RAM in the backing file, so
 //! every source maps guest-physical addresses through a list of [`PhysRange`]s.
+//! [`VecMemory`] holds bytes in a `Vec`, for tests and fuzzing.
+//!
+//! None of the sources pauses the guest. The live source sees the guest's
+//! writes as they happen, so a multi-byte read may be torn; callers that need
+//! consistency read twice or work from a dump.
 
 use thiserror::Error;
 
@@ -244,4 +249,35 @@ pub(crate) fn for_each_piece(
         }
     }
     Ok(())
+}
+
+/// A scratch directory for tests, removed when dropped.
+#[cfg(test)]
+pub(crate) struct TestDir(std::path::PathBuf);
+
+#[cfg(test)]
+impl TestDir {
+    pub(crate) fn new(tag: &str) -> Self {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "vmi-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        TestDir(dir)
+    }
+
+    /// `name` inside the directory.
+    pub(crate) fn join(&self, name: &str) -> std::path::PathBuf {
+        self.0.join(name)
+    }
+}
+
+#[cfg(test)]
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }

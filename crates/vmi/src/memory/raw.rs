@@ -44,8 +44,7 @@ mod tests {
 
     #[test]
     fn identity_layout_and_read_only() {
-        let dir = std::env::temp_dir().join(format!("vmi-raw-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = crate::memory::TestDir::new("raw");
         let path = dir.join("img");
         std::fs::write(&path, (0..=255u8).collect::<Vec<_>>()).unwrap();
         let mem = RawMemory::open(&path).unwrap();
