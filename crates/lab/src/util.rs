@@ -94,8 +94,17 @@ pub struct FileLock {
 }
 
 impl FileLock {
-    /// Blocks until the lock on `path` (created if needed) is ours.
+    /// Blocks until the exclusive lock on `path` (created if needed) is ours.
     pub fn acquire(path: &Path) -> Result<FileLock> {
+        Self::lock(path, libc::LOCK_EX)
+    }
+
+    /// Blocks until we share the lock on `path` (readers; excludes [`FileLock::acquire`]).
+    pub fn acquire_shared(path: &Path) -> Result<FileLock> {
+        Self::lock(path, libc::LOCK_SH)
+    }
+
+    fn lock(path: &Path, how: libc::c_int) -> Result<FileLock> {
         let file = File::options()
             .create(true)
             .truncate(false)
@@ -105,7 +114,7 @@ impl FileLock {
             .at(path)?;
         loop {
             // SAFETY: flock on an fd we own; no memory is involved.
-            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+            let rc = unsafe { libc::flock(file.as_raw_fd(), how) };
             if rc == 0 {
                 return Ok(FileLock { _file: file });
             }

@@ -46,7 +46,7 @@ pub enum Accel {
 
 impl fmt::Display for Accel {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+        f.pad(match self {
             Accel::Tcg => "tcg",
             Accel::Kvm => "kvm",
         })
@@ -78,7 +78,7 @@ pub enum Pti {
 
 impl fmt::Display for Pti {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+        f.pad(match self {
             Pti::Auto => "auto",
             Pti::On => "on",
             Pti::Off => "off",
@@ -225,7 +225,7 @@ pub enum VmState {
 
 impl fmt::Display for VmState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+        f.pad(match self {
             VmState::Running => "running",
             VmState::Dead => "dead",
         })
@@ -417,7 +417,12 @@ fn write_info(info: &VmInfo) -> Result<()> {
 /// in RAM), else the state dir.
 fn ram_file(dir: &Path, name: &str, uuid: &str) -> PathBuf {
     let shm = Path::new("/dev/shm/vmwatch");
-    if Path::new("/dev/shm").is_dir() && std::fs::create_dir_all(shm).is_ok() {
+    if Path::new("/dev/shm").is_dir() && !shm.exists() && std::fs::create_dir(shm).is_ok() {
+        // Shared by every user's VMs, like /tmp (each RAM file is its owner's).
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(shm, std::fs::Permissions::from_mode(0o1777));
+    }
+    if shm.is_dir() {
         let probe = shm.join(format!(".probe-{}", std::process::id()));
         if std::fs::write(&probe, b"").is_ok() {
             let _ = std::fs::remove_file(&probe);
@@ -442,7 +447,11 @@ impl Vm {
         }
         let qemu = qemu_binary()?;
         let cache = opts.cache.clone().unwrap_or_else(cache_dir);
-        let image = ImagePaths::in_cache(&cache, opts.flavour);
+        let image = ImagePaths::for_flavour(&cache, opts.flavour);
+        // A concurrent `lab build` must not swap the image out between here
+        // and QEMU loading it (released once QMP answers, see below).
+        image.load_info()?; // "no image: run lab build" before any lock file is made
+        let mut image_lock = Some(FileLock::acquire_shared(&image.swap_lock())?);
         let image_info = image.load_info()?;
         let vms = vms_dir(&cache);
         std::fs::create_dir_all(&vms).at(&vms)?;
@@ -654,6 +663,8 @@ impl Vm {
             }
             std::thread::sleep(Duration::from_millis(20));
         };
+        // QMP answers once machine init is done: kernel and initramfs are loaded.
+        image_lock.take();
         let mtree = qmp.hmp("info mtree -f")?;
         drop(qmp);
         let ranges = crate::mtree::parse_ram_ranges(&mtree, BACKEND_ID);

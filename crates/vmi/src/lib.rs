@@ -12,7 +12,7 @@
 
 pub mod btf;
 pub mod image;
+pub mod linux;
 pub mod memory;
 pub mod paging;
 pub mod symbols;
-pub mod linux;

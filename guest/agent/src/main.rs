@@ -5,7 +5,10 @@
 //! base64) on a serial port, `/dev/ttyS1` by default: the 8250 UART driver is
 //! built into every Debian kernel, while virtio-console is a module on 6.1.
 //!
-//! Usage: `vmwatch-agent [PORT]` or `vmwatch-agent --stdio` (for tests on the host).
+//! Usage: `vmwatch-agent [PORT]`, `vmwatch-agent --stdio` (serve on
+//! stdin/stdout, for tests on the host), or `vmwatch-agent snapshot` (print
+//! the guest's own view of processes, sockets and modules as JSON: ground
+//! truth for tests of vmwatch's outside view).
 //!
 //! Requests are handled one at a time. A bad request gets an error reply; the
 //! agent never exits because of one. Monitors never depend on this agent: it
@@ -17,7 +20,11 @@ use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::Once;
 use std::time::{Duration, Instant};
+
+mod snapshot;
 
 use vmwatch_agent::{
     ErrorResponse, ExecRequest, ExecResponse, Pong, Ready, ToAgent, MAX_OUTPUT, MAX_REQUEST_LINE,
@@ -33,6 +40,15 @@ fn main() {
     let arg = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "/dev/ttyS1".to_string());
+    if arg == "snapshot" {
+        let json = serde_json::to_vec(&snapshot::take()).unwrap_or_default();
+        let mut out = io::stdout().lock();
+        let ok = out
+            .write_all(&json)
+            .and_then(|()| out.write_all(b"\n"))
+            .and_then(|()| out.flush());
+        std::process::exit(if ok.is_ok() { 0 } else { 1 });
+    }
     let (reader, writer): (Box<dyn Read>, Box<dyn Write>) = if arg == "--stdio" {
         (Box::new(io::stdin()), Box::new(io::stdout()))
     } else {
@@ -315,7 +331,7 @@ fn run(req: &ExecRequest) -> Result<ExecResponse, String> {
     for fd in [&out.pipe, &err.pipe, &stdin_fd].into_iter().flatten() {
         set_nonblocking(fd.as_raw_fd(), true).map_err(|e| format!("pipe: {e}"))?;
     }
-    let pidfd = pidfd_open(child.id());
+    let wake = child_exit_pipe();
     let deadline = req.timeout_ms.map(|ms| start + Duration::from_millis(ms));
     let mut timed_out = false;
     let mut status: Option<ExitStatus> = None;
@@ -359,8 +375,8 @@ fn run(req: &ExecRequest) -> Result<ExecResponse, String> {
         if let Some(t) = drain_until {
             wait = wait.min(t.saturating_duration_since(now));
         }
-        if pidfd.is_none() && status.is_none() {
-            wait = wait.min(Duration::from_millis(10)); // No pidfd: poll for exit.
+        if wake.is_none() && status.is_none() {
+            wait = wait.min(Duration::from_millis(10)); // No SIGCHLD pipe: poll for exit.
         }
         let mut fds: Vec<libc::pollfd> = Vec::with_capacity(4);
         let mut push = |fd: &Option<OwnedFd>, events: libc::c_short| {
@@ -373,7 +389,15 @@ fn run(req: &ExecRequest) -> Result<ExecResponse, String> {
         push(&out.pipe, libc::POLLIN);
         push(&err.pipe, libc::POLLIN);
         push(&stdin_fd, libc::POLLOUT);
-        push(if status.is_none() { &pidfd } else { &None }, libc::POLLIN);
+        fds.push(libc::pollfd {
+            fd: if status.is_none() {
+                wake.unwrap_or(-1)
+            } else {
+                -1
+            },
+            events: libc::POLLIN,
+            revents: 0,
+        });
         let ms = wait.as_millis().min(i32::MAX as u128) as i32;
         // SAFETY: `fds` is a valid array of pollfd of the given length.
         let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms.max(1)) };
@@ -389,6 +413,9 @@ fn run(req: &ExecRequest) -> Result<ExecResponse, String> {
         }
         if fds[1].revents != 0 {
             err.pump();
+        }
+        if fds[3].revents != 0 {
+            drain_child_exit_pipe();
         }
         if fds[2].revents != 0 {
             if let Some(fd) = &stdin_fd {
@@ -416,15 +443,61 @@ fn run(req: &ExecRequest) -> Result<ExecResponse, String> {
     })
 }
 
-/// A pidfd for `pid`, readable once the process exits (Linux >= 5.3).
-fn pidfd_open(pid: u32) -> Option<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    if fd < 0 {
-        return None;
+/// Both ends of the SIGCHLD self-pipe, or -1 before it exists.
+static CHILD_PIPE: [AtomicI32; 2] = [AtomicI32::new(-1), AtomicI32::new(-1)];
+
+/// The read end of a pipe that gets a byte whenever a child exits, so the
+/// command loop sleeps in poll() until something happens. Created once and
+/// kept for the agent's life: a per-command fd (a pidfd) would show up,
+/// transiently, in the agent's open files, which tests compare with
+/// vmwatch's outside view. `None` if it cannot be set up (we then poll).
+fn child_exit_pipe() -> Option<RawFd> {
+    static INIT: Once = Once::new();
+    INIT.call_once(|| {
+        let mut fds = [-1; 2];
+        // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
+            return;
+        }
+        CHILD_PIPE[0].store(fds[0], Ordering::SeqCst);
+        CHILD_PIPE[1].store(fds[1], Ordering::SeqCst);
+        // SAFETY: sigaction is plain data; we fill the fields we need and
+        // zero the rest. The handler only calls write(2), which is
+        // async-signal-safe, and restores errno.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_sigchld as extern "C" fn(libc::c_int) as libc::sighandler_t;
+            sa.sa_flags = libc::SA_RESTART | libc::SA_NOCLDSTOP;
+            libc::sigemptyset(&mut sa.sa_mask);
+            if libc::sigaction(libc::SIGCHLD, &sa, std::ptr::null_mut()) != 0 {
+                CHILD_PIPE[0].store(-1, Ordering::SeqCst);
+            }
+        }
+    });
+    let fd = CHILD_PIPE[0].load(Ordering::SeqCst);
+    (fd >= 0).then_some(fd)
+}
+
+extern "C" fn on_sigchld(_: libc::c_int) {
+    let fd = CHILD_PIPE[1].load(Ordering::Relaxed);
+    if fd >= 0 {
+        // SAFETY: errno location and write(2) are async-signal-safe; the
+        // buffer is a valid one-byte static. A full pipe (EAGAIN) is fine:
+        // a wake-up is already pending.
+        unsafe {
+            let errno = *libc::__errno_location();
+            libc::write(fd, b"x".as_ptr().cast(), 1);
+            *libc::__errno_location() = errno;
+        }
     }
-    // SAFETY: the kernel just gave us this fd; nobody else owns it.
-    Some(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Empties the self-pipe after a wake-up.
+fn drain_child_exit_pipe() {
+    let fd = CHILD_PIPE[0].load(Ordering::SeqCst);
+    let mut buf = [0u8; 64];
+    // SAFETY: reading into a valid local buffer from our own non-blocking pipe.
+    while fd >= 0 && unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) } > 0 {}
 }
 
 /// SIGKILLs the command's process group (it leads its own group).

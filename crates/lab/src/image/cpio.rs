@@ -33,6 +33,17 @@ impl<W: Write> CpioWriter<W> {
     }
 
     fn header(&mut self, name: &str, mode: u32, size: u32, rdev: (u32, u32)) -> io::Result<()> {
+        self.header_owned(name, mode, size, rdev, (0, 0))
+    }
+
+    fn header_owned(
+        &mut self,
+        name: &str,
+        mode: u32,
+        size: u32,
+        rdev: (u32, u32),
+        owner: (u32, u32),
+    ) -> io::Result<()> {
         let namesize = name.len() as u32 + 1;
         let ino = self.ino;
         self.ino += 1;
@@ -40,8 +51,8 @@ impl<W: Write> CpioWriter<W> {
         let hdr = format!(
             "070701{ino:08x}{mode:08x}{uid:08x}{gid:08x}{nlink:08x}{mtime:08x}{size:08x}\
              {dmaj:08x}{dmin:08x}{rmaj:08x}{rmin:08x}{namesize:08x}{check:08x}",
-            uid = 0,
-            gid = 0,
+            uid = owner.0,
+            gid = owner.1,
             mtime = 0,
             dmaj = 0,
             dmin = 0,
@@ -68,6 +79,11 @@ impl<W: Write> CpioWriter<W> {
 
     pub fn dir(&mut self, name: &str, perm: u32) -> io::Result<()> {
         self.header(name, S_IFDIR | (perm & 0o7777), 0, (0, 0))
+    }
+
+    /// A directory owned by `uid:gid` (everything else belongs to root).
+    pub fn dir_owned(&mut self, name: &str, perm: u32, uid: u32, gid: u32) -> io::Result<()> {
+        self.header_owned(name, S_IFDIR | (perm & 0o7777), 0, (0, 0), (uid, gid))
     }
 
     pub fn symlink(&mut self, name: &str, target: &str) -> io::Result<()> {
@@ -113,8 +129,9 @@ impl<W: Write> CpioWriter<W> {
 }
 
 /// Archives the directory tree `root` (paths relative to it, sorted) plus
-/// `/dev/console` into `dest`. Returns the archive size.
-pub fn write_tree(root: &Path, dest: &Path) -> Result<u64> {
+/// `/dev/console` into `dest`. Every entry belongs to root except the
+/// directories listed in `owned` (`(path, uid, gid)`). Returns the archive size.
+pub fn write_tree(root: &Path, dest: &Path, owned: &[(&str, u32, u32)]) -> Result<u64> {
     let file = File::create(dest).at(dest)?;
     let mut w = CpioWriter::new(BufWriter::with_capacity(1 << 20, file));
     let mut entries = Vec::new();
@@ -130,7 +147,10 @@ pub fn write_tree(root: &Path, dest: &Path) -> Result<u64> {
             let target = std::fs::read_link(&path).at(&path)?;
             w.symlink(&name, &target.to_string_lossy())
         } else if ft.is_dir() {
-            w.dir(&name, perm)
+            match owned.iter().find(|(p, _, _)| Path::new(p) == rel.as_path()) {
+                Some(&(_, uid, gid)) => w.dir_owned(&name, perm, uid, gid),
+                None => w.dir(&name, perm),
+            }
         } else if ft.is_file() {
             let mut f = File::open(&path).at(&path)?;
             w.file(&name, perm, &mut f, meta.size())

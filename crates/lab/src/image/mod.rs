@@ -55,8 +55,15 @@ pub const MODULES: [&str; 9] = [
     "tun",
 ];
 
+/// Links Debian's postinst scripts would create with update-alternatives
+/// (or that the `python3-minimal` package would ship): (link, target).
+pub const ALTERNATIVES: [(&str, &str); 2] = [
+    ("usr/bin/python3", "python3.11"),
+    ("usr/bin/nc", "nc.openbsd"),
+];
+
 /// Bump when the build steps change in a way the inputs do not show.
-const RECIPE_VERSION: u32 = 1;
+const RECIPE_VERSION: u32 = 3;
 
 /// Which Debian kernel the image boots.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
@@ -89,7 +96,7 @@ impl Flavour {
 
 impl fmt::Display for Flavour {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        f.pad(self.as_str())
     }
 }
 
@@ -120,12 +127,9 @@ pub struct ImagePaths {
 }
 
 impl ImagePaths {
-    /// Paths under the default cache ([`util::cache_dir`]).
-    pub fn for_flavour(flavour: Flavour) -> Self {
-        Self::in_cache(&cache_dir(), flavour)
-    }
-
-    pub fn in_cache(cache: &Path, flavour: Flavour) -> Self {
+    /// Paths of the `flavour` image in the cache at `cache` (usually
+    /// [`util::cache_dir`]).
+    pub fn for_flavour(cache: &Path, flavour: Flavour) -> Self {
         let dir = cache.join("images").join(flavour.as_str());
         ImagePaths {
             flavour,
@@ -135,6 +139,16 @@ impl ImagePaths {
             info: dir.join("image.json"),
             dir,
         }
+    }
+
+    /// Held exclusively while a build replaces the image, and shared by a VM
+    /// starting from it until QEMU has loaded the kernel and initramfs.
+    pub fn swap_lock(&self) -> PathBuf {
+        let name = format!(".{}.swap.lock", self.flavour);
+        self.dir
+            .parent()
+            .map(|p| p.join(&name))
+            .unwrap_or_else(|| PathBuf::from(name))
     }
 
     /// True if every file of a finished build is present.
@@ -260,6 +274,9 @@ fn recipe_fingerprint() -> String {
     }
     s.push_str(&PACKAGES.join(","));
     s.push_str(&MODULES.join(","));
+    for (link, target) in ALTERNATIVES {
+        s.push_str(&format!("{link}->{target}"));
+    }
     fingerprint(s.as_bytes())
 }
 
@@ -274,7 +291,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildOutcome> {
         require_tool(tool, pkg)?;
     }
     let cache = opts.cache.clone().unwrap_or_else(cache_dir);
-    let paths = ImagePaths::in_cache(&cache, opts.flavour);
+    let paths = ImagePaths::for_flavour(&cache, opts.flavour);
     let images = cache.join("images");
     std::fs::create_dir_all(&images).at(&images)?;
     let _lock = FileLock::acquire(&images.join(format!(".{}.lock", opts.flavour)))?;
@@ -284,15 +301,25 @@ pub fn build(opts: &BuildOptions) -> Result<BuildOutcome> {
     let agent_fp = fingerprint(&agent);
     let recipe = recipe_fingerprint();
 
-    let kernel = apt::resolve_kernel("linux-image-amd64", opts.flavour.default_release())?;
-    let userland = apt::library_closure(&PACKAGES)?;
+    apt::use_cache_dir(&cache.join("apt"));
+    let previous = paths.load_info().ok();
+    let hint: Vec<String> = previous
+        .as_ref()
+        .map(|p| p.packages.keys().cloned().collect())
+        .unwrap_or_default();
+    let kernel = apt::resolve_kernel(
+        "linux-image-amd64",
+        opts.flavour.default_release(),
+        previous.as_ref().map(|p| p.kernel_package.as_str()),
+    )?;
+    let userland = apt::library_closure(&PACKAGES, &hint)?;
     let versions: BTreeMap<String, String> = userland
         .values()
         .map(|p| (p.name.clone(), p.version.clone()))
         .collect();
 
-    if !opts.force && paths.exists() {
-        if let Ok(old) = paths.load_info() {
+    if !opts.force {
+        if let Some(old) = previous {
             if old.kernel_package == kernel.name
                 && old.kernel_version == kernel.version
                 && old.packages == versions
@@ -333,7 +360,9 @@ pub fn build(opts: &BuildOptions) -> Result<BuildOutcome> {
     std::fs::write(out_dir.join("image.json"), json).at(out_dir.join("image.json"))?;
 
     // Swap the finished image in. VMs already running keep their own hard
-    // links to the old kernel (see `vm`), so replacing files under them is safe.
+    // links to the old kernel (see `vm`), so replacing files under them is
+    // safe; VMs starting hold the swap lock shared until QEMU has read them.
+    let _swap = FileLock::acquire(&paths.swap_lock())?;
     let old = images.join(format!(".old-{}", opts.flavour));
     let _ = std::fs::remove_dir_all(&old);
     if paths.dir.exists() {
@@ -401,6 +430,7 @@ fn assemble(
         rootfs::put_file(&root, path, text.as_bytes(), mode)?;
     }
     rootfs::put_file(&root, "usr/sbin/vmwatch-agent", agent, 0o755)?;
+    rootfs::alternatives(&root, &ALTERNATIVES)?;
     let links = rootfs::busybox_links(&root, &busybox_list)?;
     tracing::debug!("{links} busybox applet links");
 
@@ -419,7 +449,11 @@ fn assemble(
     tracing::info!("{checked} ELF files have all their libraries");
 
     let rootfs_bytes = rootfs::tree_size(&root);
-    let initramfs_bytes = cpio::write_tree(&root, &out.join("initramfs.cpio"))?;
+    let initramfs_bytes = cpio::write_tree(
+        &root,
+        &out.join("initramfs.cpio"),
+        &[("home/user", 1000, 1000)],
+    )?;
     let now = util::now_unix();
     let info = ImageInfo {
         flavour: Flavour::Stable, // set by the caller

@@ -157,11 +157,25 @@ pub fn put_file(root: &Path, rel: &str, data: &[u8], mode: u32) -> Result<()> {
     std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).at(&p)
 }
 
+/// Creates `(link, target)` symlinks whose target exists and whose link
+/// does not (what update-alternatives does on a real system).
+pub fn alternatives(root: &Path, links: &[(&str, &str)]) -> Result<()> {
+    for (link, target) in links {
+        let dst = root.join(link);
+        let target_host = dst.parent().unwrap_or(root).join(target);
+        if target_host.exists() && dst.symlink_metadata().is_err() {
+            std::os::unix::fs::symlink(target, &dst).at(&dst)?;
+        }
+    }
+    Ok(())
+}
+
 /// Links every busybox applet that no real package provides to busybox.
 /// `applets` is `busybox --list-full` output (`usr/bin/awk`, `sbin/ifconfig`, ...).
 pub fn busybox_links(root: &Path, applets: &str) -> Result<usize> {
     let mut n = 0;
-    for line in applets.lines().map(str::trim).filter(|l| !l.is_empty()) {
+    // Applets at the top level (`linuxrc`) are not wanted.
+    for line in applets.lines().map(str::trim).filter(|l| l.contains('/')) {
         let Some(mapped) = map_path(Path::new(line)) else {
             continue;
         };

@@ -21,6 +21,9 @@ pub struct Layout {
     pub task_state: u64,
     pub task_exit_state: u64,
     pub task_flags: u64,
+    /// `task_struct.worker_private` -> `struct kthread` (kernel threads), and its `full_name`.
+    pub task_worker_private: Option<u64>,
+    pub kthread_full_name: Option<u64>,
     pub cred_uid: u64,
     pub cred_euid: u64,
     pub cred_gid: u64,
@@ -146,6 +149,8 @@ impl Layout {
             task_state: first_of("task_struct", &["__state", "state"])?,
             task_exit_state: off("task_struct", "exit_state")?,
             task_flags: off("task_struct", "flags")?,
+            task_worker_private: off("task_struct", "worker_private").ok(),
+            kthread_full_name: off("kthread", "full_name").ok(),
             cred_uid: off("cred", "uid")?,
             cred_euid: off("cred", "euid")?,
             cred_gid: off("cred", "gid")?,

@@ -10,6 +10,8 @@ pub struct Process {
     pub tgid: i32,
     pub ppid: i32,
     pub comm: String,
+    /// A kernel thread's full name when longer than `comm` (what /proc/PID/comm shows).
+    pub full_name: Option<String>,
     pub uid: u32,
     pub euid: u32,
     pub gid: u32,
@@ -24,6 +26,11 @@ pub struct Process {
     /// Address of the `task_struct`.
     pub task: u64,
 }
+
+/// `PF_KTHREAD` (include/linux/sched.h): stable across the kernels we support.
+const PF_KTHREAD: u32 = 0x0020_0000;
+/// `PF_WQ_WORKER`: a workqueue worker or rescuer.
+const PF_WQ_WORKER: u32 = 0x0000_0020;
 
 /// Maps the kernel's task state to the letter /proc shows (kernel's `task_state_index`).
 fn state_letter(state: u32, exit_state: u32) -> char {
@@ -96,6 +103,14 @@ impl LinuxGuest {
         let state = k.read_u32(task + l.task_state)?;
         let exit_state = k.read_u32(task + l.task_exit_state)?;
         let mm = self.read_ptr(task + l.task_mm)?;
+        let flags = k.read_u32(task + l.task_flags)?;
+        // As /proc does: workqueue workers show their comm plus work queue, other
+        // kernel threads their full name.
+        let full_name = if flags & PF_KTHREAD != 0 && flags & PF_WQ_WORKER == 0 {
+            self.kthread_full_name(task)
+        } else {
+            None
+        };
         let (exe, pgd_phys) = if mm == 0 {
             (None, None)
         } else {
@@ -114,6 +129,7 @@ impl LinuxGuest {
             tgid,
             ppid,
             comm: lossy(&comm),
+            full_name,
             uid,
             euid,
             gid,
@@ -123,6 +139,21 @@ impl LinuxGuest {
             pgd_phys,
             task,
         })
+    }
+
+    /// `to_kthread(task)->full_name`, when the kernel keeps one.
+    fn kthread_full_name(&self, task: u64) -> Option<String> {
+        let l = self.layout();
+        let kthread = self.read_ptr(task + l.task_worker_private?).ok()?;
+        if kthread == 0 {
+            return None;
+        }
+        let name = self.read_ptr(kthread + l.kthread_full_name?).ok()?;
+        if name == 0 {
+            return None;
+        }
+        let bytes = self.kernel_space().read_cstring(name, 64).ok()?;
+        Some(lossy(&bytes))
     }
 
     /// Finds the process with this tgid.

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The main job: boots two lab VMs (Debian's 6.1 and 6.12 kernels, KASLR on),
+# starts a small workload in each through the test agent, and shows what
+# vmwatch reads from their RAM from outside: where the kernel is, processes,
+# open files, sockets and modules. Leaves the VMs running with --keep.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+V=target/release/vmwatch
+keep=0; [ "${1:-}" = "--keep" ] && keep=1
+vms=(demo-web demo-db)
+flavours=(stable backports)
+cleanup() { [ $keep = 1 ] || for vm in "${vms[@]}"; do $V lab down "$vm" >/dev/null 2>&1 || true; done; }
+trap cleanup EXIT
+for i in 0 1; do
+    $V lab down "${vms[$i]}" >/dev/null 2>&1 || true
+    $V lab up "${vms[$i]}" --kernel "${flavours[$i]}"
+done
+# The workload (driven through the test-only agent; vmwatch never asks it anything).
+for vm in "${vms[@]}"; do
+    $V lab exec "$vm" -- sh -c '
+        echo "quarterly numbers" > /root/secret.txt
+        setsid sleep 100000 < /root/secret.txt >/dev/null 2>&1 &
+        setsid sh -c "sleep 100001 | sleep 100002" </dev/null >/dev/null 2>&1 &
+        setsid nc -lk 8080 </dev/null >/dev/null 2>&1 &
+        modprobe dummy' >/dev/null
+done
+sleep 1
+for vm in "${vms[@]}"; do
+    echo
+    echo "================ $vm: what vmwatch sees from outside the guest ================"
+    echo "--- vmwatch kernel --vm $vm"; $V kernel --vm "$vm"
+    echo "--- vmwatch ps --vm $vm (user processes)"; $V ps --vm "$vm" | grep -v '\[kernel\]'
+    echo "--- vmwatch lsof --vm $vm (regular files and pipes)"; $V lsof --vm "$vm" | grep -E 'PATH|regular|pipe'
+    echo "--- vmwatch sockets --vm $vm"; $V sockets --vm "$vm"
+    echo "--- vmwatch modules --vm $vm"; $V modules --vm "$vm"
+done
+echo
+$V lab ls
+[ $keep = 1 ] && echo "VMs left running; stop them with: $V lab down --all"
+exit 0
