@@ -8,6 +8,8 @@ secs="${1:-60}"
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 for target in $(cargo +nightly fuzz list); do
     mkdir -p "corpus/$target"
+    # Start from the committed seeds (valid tables, past crashers of other parsers).
+    [ -d "seeds/$target" ] && cp -n seeds/"$target"/* "corpus/$target/" 2>/dev/null || true
     log="$(mktemp)"
     if cargo +nightly fuzz run "$target" "corpus/$target" -- -max_total_time="$secs" -rss_limit_mb=2048 >"$log" 2>&1; then
         verdict="no crash"

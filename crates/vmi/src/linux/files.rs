@@ -46,11 +46,22 @@ impl LinuxGuest {
         let procs = self.processes();
         let mut warnings = procs.warnings;
         let mut items = Vec::new();
+        let mut slots_left = limits::MAX_TOTAL_FD_SLOTS;
         for p in procs.items {
             if pid.is_some_and(|want| want != p.tgid) {
                 continue;
             }
-            match self.fds_of(p.task) {
+            if slots_left == 0 {
+                warnings.push(Warning {
+                    message: format!(
+                        "more than {} fd-table slots in all; files of pid {} and later processes not listed",
+                        limits::MAX_TOTAL_FD_SLOTS,
+                        p.tgid
+                    ),
+                });
+                break;
+            }
+            match self.fds_of_bounded(p.task, &mut slots_left) {
                 Ok(mut fds) => {
                     warnings.append(&mut fds.warnings);
                     for (fd, file) in fds.items {
@@ -80,6 +91,16 @@ impl LinuxGuest {
 
     /// Non-null `(fd, struct file *)` pairs of a task's fd table.
     pub fn fds_of(&self, task: u64) -> Result<Listing<(u32, u64)>, PagingError> {
+        let mut slots = limits::MAX_FDS;
+        self.fds_of_bounded(task, &mut slots)
+    }
+
+    /// [`Self::fds_of`], examining at most `slots_left` slots and deducting them.
+    fn fds_of_bounded(
+        &self,
+        task: u64,
+        slots_left: &mut u64,
+    ) -> Result<Listing<(u32, u64)>, PagingError> {
         let l = self.layout();
         let k = self.kernel_space();
         let files = self.read_ptr(task + l.task_files)?;
@@ -100,7 +121,8 @@ impl LinuxGuest {
                 ),
             });
         }
-        let n = max_fds.min(limits::MAX_FDS);
+        let n = max_fds.min(limits::MAX_FDS).min(*slots_left);
+        *slots_left -= n;
         let array = self.read_ptr(fdt + l.fdtable_fd)?;
         let mut out = Vec::new();
         // Read the pointer array a page at a time.

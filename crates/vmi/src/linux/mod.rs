@@ -33,6 +33,9 @@ pub mod limits {
     pub const MAX_TASKS: usize = 1 << 16;
     /// File descriptors examined per process.
     pub const MAX_FDS: u64 = 1 << 16;
+    /// fd-table slots examined in one listing of all processes, so that a
+    /// guest faking many processes with huge fd tables cannot stall us.
+    pub const MAX_TOTAL_FD_SLOTS: u64 = 1 << 22;
     /// Path components followed up the dentry/mount chain.
     pub const MAX_PATH_COMPONENTS: usize = 256;
     /// Bytes of one path name component.
@@ -147,6 +150,20 @@ impl LinuxGuest {
         })
     }
 
+    /// A guest from already-known parts, without locating the kernel: for
+    /// tests and fuzzing, or when the location is known from elsewhere.
+    pub fn from_parts(
+        kernel: AddressSpace,
+        profile: Arc<KernelProfile>,
+        location: KernelLocation,
+    ) -> Self {
+        LinuxGuest {
+            kernel,
+            profile,
+            location,
+        }
+    }
+
     /// Where the kernel was found (KASLR slides, page-table root).
     pub fn location(&self) -> &KernelLocation {
         &self.location
@@ -177,6 +194,43 @@ impl LinuxGuest {
     /// Drops cached translations: call between independent looks at a live guest.
     pub fn refresh(&self) {
         self.kernel.flush_cache();
+    }
+
+    /// Walks the circular list at `head` (the run-time address of its head
+    /// `list_head`) whose entries embed their link at `link_offset`, and reads
+    /// each entry with `read`. Bad entries become warnings; the rest is listed.
+    fn read_kernel_list<T>(
+        &self,
+        head: Result<u64, AttachError>,
+        link_offset: u64,
+        max: usize,
+        list_name: &str,
+        entry_name: &str,
+        read: impl Fn(u64) -> Result<T, PagingError>,
+    ) -> Listing<T> {
+        let head = match head {
+            Ok(a) => a,
+            Err(e) => {
+                return Listing {
+                    items: Vec::new(),
+                    warnings: vec![Warning {
+                        message: e.to_string(),
+                    }],
+                }
+            }
+        };
+        let (links, mut warnings) = walk_list(self.kernel_space(), head, max, list_name);
+        let mut items = Vec::with_capacity(links.len());
+        for link in links {
+            let entry = link.wrapping_sub(link_offset);
+            match read(entry) {
+                Ok(item) => items.push(item),
+                Err(e) => warnings.push(Warning {
+                    message: format!("{entry_name} at {entry:#x}: {e}"),
+                }),
+            }
+        }
+        Listing { items, warnings }
     }
 
     fn read_ptr(&self, va: u64) -> Result<u64, PagingError> {

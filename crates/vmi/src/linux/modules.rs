@@ -1,6 +1,6 @@
 //! Loaded kernel modules: the `modules` list.
 
-use super::{limits, lossy, walk_list, LinuxGuest, Listing, ModuleMemLayout, Warning};
+use super::{limits, lossy, LinuxGuest, Listing, ModuleMemLayout};
 use crate::paging::PagingError;
 
 /// One loaded module, with the figures /proc/modules shows.
@@ -20,38 +20,14 @@ pub struct Module {
 impl LinuxGuest {
     /// Modules on the kernel's `modules` list, in list order (newest first, like /proc/modules).
     pub fn modules(&self) -> Listing<Module> {
-        let mut warnings = Vec::new();
-        let head = match self.symbol("modules") {
-            Ok(a) => a,
-            Err(e) => {
-                warnings.push(Warning {
-                    message: e.to_string(),
-                });
-                return Listing {
-                    items: Vec::new(),
-                    warnings,
-                };
-            }
-        };
-        let (links, mut w) = walk_list(
-            self.kernel_space(),
-            head,
+        self.read_kernel_list(
+            self.symbol("modules"),
+            self.layout().module_list,
             limits::MAX_MODULES,
             "module list",
-        );
-        warnings.append(&mut w);
-        let l = self.layout();
-        let mut items = Vec::new();
-        for link in links {
-            let module = link.wrapping_sub(l.module_list);
-            match self.read_module(module) {
-                Ok(m) => items.push(m),
-                Err(e) => warnings.push(Warning {
-                    message: format!("struct module at {module:#x}: {e}"),
-                }),
-            }
-        }
-        Listing { items, warnings }
+            "struct module",
+            |module| self.read_module(module),
+        )
     }
 
     /// Reads one `struct module`.

@@ -1,6 +1,6 @@
 //! Processes: the kernel's task list, from `init_task` over `tasks`.
 
-use super::{limits, lossy, walk_list, LinuxGuest, Listing, Warning};
+use super::{limits, lossy, LinuxGuest, Listing};
 use crate::paging::PagingError;
 
 /// One process (thread-group leader), as the kernel's structures say.
@@ -51,38 +51,15 @@ fn state_letter(state: u32, exit_state: u32) -> char {
 impl LinuxGuest {
     /// Every process in the task list, `init_task` (pid 0) excluded, like /proc.
     pub fn processes(&self) -> Listing<Process> {
-        let mut warnings = Vec::new();
-        let init_task = match self.symbol("init_task") {
-            Ok(a) => a,
-            Err(e) => {
-                warnings.push(Warning {
-                    message: e.to_string(),
-                });
-                return Listing {
-                    items: Vec::new(),
-                    warnings,
-                };
-            }
-        };
-        let l = self.layout();
-        let (links, mut walk_warnings) = walk_list(
-            self.kernel_space(),
-            init_task + l.task_tasks,
+        let link = self.layout().task_tasks;
+        self.read_kernel_list(
+            self.symbol("init_task").map(|t| t + link),
+            link,
             limits::MAX_TASKS,
             "task list",
-        );
-        warnings.append(&mut walk_warnings);
-        let mut items = Vec::with_capacity(links.len());
-        for link in links {
-            let task = link.wrapping_sub(l.task_tasks);
-            match self.read_process(task) {
-                Ok(p) => items.push(p),
-                Err(e) => warnings.push(Warning {
-                    message: format!("task_struct at {task:#x}: {e}"),
-                }),
-            }
-        }
-        Listing { items, warnings }
+            "task_struct",
+            |task| self.read_process(task),
+        )
     }
 
     /// Reads one `task_struct`.
