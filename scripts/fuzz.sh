@@ -16,8 +16,9 @@ for target in $(cargo +nightly fuzz list); do
     else
         verdict="FAILED (see fuzz/artifacts/$target)"
     fi
-    runs=$(grep -Eo '#[0-9]+' "$log" | tail -1 | tr -d '#')
-    cov=$(grep -Eo 'cov: [0-9]+' "$log" | tail -1)
+    runs=$(grep -Eo '#[0-9]+' "$log" | tail -1 | tr -d '#' || true)
+    cov=$(grep -Eo 'cov: [0-9]+' "$log" | tail -1 || true)
+    [ -n "$runs" ] || tail -n 20 "$log" >&2
     echo "$target: ${secs}s, ${runs:-?} runs, ${cov:-cov: ?}, $verdict"
     rm -f "$log"
 done

@@ -8,5 +8,7 @@ scripts/setup.sh
 echo "== format and lints"
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --release -- -D warnings
+# The fuzz targets live outside the workspace; keep them compiling.
+cargo check -q --manifest-path fuzz/Cargo.toml --bins
 echo "== tests (unit tests, then end-to-end tests that boot lab VMs under QEMU)"
 cargo test --workspace --release -- --test-threads=2

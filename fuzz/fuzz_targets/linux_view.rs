@@ -10,7 +10,9 @@
 use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
-use vmi::linux::{KernelLocation, KernelProfile, Layout, LinuxGuest, ModuleMemLayout};
+use vmi::linux::{
+    HashTableLayout, KernelLocation, KernelProfile, Layout, LinuxGuest, ModuleMemLayout,
+};
 use vmi::memory::{MemoryError, PhysRange, PhysicalMemory};
 use vmi::paging::{AddressSpace, PagingMode};
 use vmi::symbols::{KernelSymbols, Symbol};
@@ -92,6 +94,23 @@ fn layout(bytes: &[u8]) -> Layout {
         sk_v6_rcv_saddr: Some(off()),
         sk_v6_daddr: Some(off()),
         sk_protocol: Some(off()),
+        sk_node: off(),
+        sk_socket: off(),
+        socket_alloc_inode: off(),
+        socket_alloc_socket: off(),
+        hash_tables: Some(HashTableLayout {
+            ehash: off(),
+            ehash_mask: off(),
+            ehash_bucket_size: off(),
+            lhash2: off(),
+            lhash2_mask: off(),
+            lhash2_bucket_size: off(),
+            lhash2_head: off(),
+            udp_hash: off(),
+            udp_mask: off(),
+            udp_slot_size: off(),
+            udp_slot_head: off(),
+        }),
         module_list: off(),
         module_name: off(),
         module_name_len: off(),

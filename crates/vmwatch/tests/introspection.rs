@@ -58,8 +58,8 @@ fn sh(vm: &Vm, script: &str) -> String {
 }
 
 /// Starts the known workload: a process holding the secret open, a TCP
-/// listener with one accepted connection, a UDP socket, a pipeline, and a
-/// loaded module. Waits until all of it is in place.
+/// listener with one accepted connection, a UDP socket, a closed connection
+/// left in TIME_WAIT (held by no process), a pipeline, and a loaded module. Waits until all of it is in place.
 fn start_workload(vm: &Vm) {
     let server = "import socket,time\n\
         s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
@@ -68,6 +68,9 @@ fn start_workload(vm: &Vm) {
         c,_=s.accept(); time.sleep(100000)\n";
     let client = "import socket,time\n\
         c=socket.create_connection(('127.0.0.1', 8080)); time.sleep(100000)\n";
+    // A connection opened and closed at once: the side that closes first stays in TIME_WAIT.
+    let closed = "import socket; s=socket.socket(); s.bind(('127.0.0.1', 9090)); s.listen(); \
+        c=socket.create_connection(('127.0.0.1', 9090)); a,_=s.accept(); c.close(); a.close(); s.close()";
     let script = format!(
         "set -e\n\
          mkdir -p /root && echo top-secret > /root/secret.txt\n\
@@ -79,6 +82,8 @@ fn start_workload(vm: &Vm) {
          for i in $(seq 100); do grep -q ':1F90 00000000:0000 0A' /proc/net/tcp && break; sleep 0.2; done\n\
          setsid python3 /tmp/client.py < /dev/null > /dev/null 2>&1 &\n\
          for i in $(seq 100); do [ $(grep -c ' 01 ' /proc/net/tcp) -ge 2 ] && break; sleep 0.2; done\n\
+         python3 -c \"{closed}\"\n\
+         for i in $(seq 100); do grep -q ' 06 ' /proc/net/tcp && break; sleep 0.2; done\n\
          modprobe dummy\n"
     );
     sh(vm, &script);
@@ -305,6 +310,10 @@ fn views_match_proc(vm: &Vm) {
             .iter()
             .any(|s| s.1 == "127.0.0.1:8080" && s.3 == 10));
         assert_eq!(before.sockets.iter().filter(|s| s.3 == 1).count(), 2);
+        assert!(
+            before.sockets.iter().any(|s| s.3 == 6 && s.4 == 0),
+            "a TIME_WAIT socket"
+        );
         assert!(ours
             .values()
             .any(|(_, fds)| fds.iter().any(|f| f.1.starts_with("pipe:["))));

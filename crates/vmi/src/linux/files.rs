@@ -103,15 +103,15 @@ impl LinuxGuest {
     ) -> Result<Listing<(u32, u64)>, PagingError> {
         let l = self.layout();
         let k = self.kernel_space();
-        let files = self.read_ptr(task + l.task_files)?;
+        let files = self.read_ptr(task.wrapping_add(l.task_files))?;
         if files == 0 {
             return Ok(Listing {
                 items: Vec::new(),
                 warnings: Vec::new(),
             });
         }
-        let fdt = self.read_ptr(files + l.files_fdt)?;
-        let max_fds = u64::from(k.read_u32(fdt + l.fdtable_max_fds)?);
+        let fdt = self.read_ptr(files.wrapping_add(l.files_fdt))?;
+        let max_fds = u64::from(k.read_u32(fdt.wrapping_add(l.fdtable_max_fds))?);
         let mut warnings = Vec::new();
         if max_fds > limits::MAX_FDS {
             warnings.push(Warning {
@@ -123,14 +123,14 @@ impl LinuxGuest {
         }
         let n = max_fds.min(limits::MAX_FDS).min(*slots_left);
         *slots_left -= n;
-        let array = self.read_ptr(fdt + l.fdtable_fd)?;
+        let array = self.read_ptr(fdt.wrapping_add(l.fdtable_fd))?;
         let mut out = Vec::new();
         // Read the pointer array a page at a time.
         let mut buf = vec![0u8; 4096];
         let mut fd = 0u64;
         while fd < n {
             let chunk = ((n - fd) * 8).min(4096) as usize;
-            k.read(array + fd * 8, &mut buf[..chunk])?;
+            k.read(array.wrapping_add(fd * 8), &mut buf[..chunk])?;
             for (i, ptr) in buf[..chunk].chunks_exact(8).enumerate() {
                 let file = u64::from_le_bytes(ptr.try_into().unwrap_or_default());
                 if file != 0 {
@@ -149,11 +149,11 @@ impl LinuxGuest {
     pub fn describe_file(&self, file: u64) -> Result<(FileKind, String, u64), PagingError> {
         let l = self.layout();
         let k = self.kernel_space();
-        let inode = self.read_ptr(file + l.file_inode)?;
-        let ino = k.read_u64(inode + l.inode_ino)?;
-        let mode = k.read_u16(inode + l.inode_mode)?;
-        let sb = self.read_ptr(inode + l.inode_sb)?;
-        let magic = k.read_u64(sb + l.sb_magic)?;
+        let inode = self.read_ptr(file.wrapping_add(l.file_inode))?;
+        let ino = k.read_u64(inode.wrapping_add(l.inode_ino))?;
+        let mode = k.read_u16(inode.wrapping_add(l.inode_mode))?;
+        let sb = self.read_ptr(inode.wrapping_add(l.inode_sb))?;
+        let magic = k.read_u64(sb.wrapping_add(l.sb_magic))?;
         let kind = match (magic, mode & 0o170000) {
             (PIPEFS_MAGIC, _) => FileKind::Pipe,
             (SOCKFS_MAGIC, _) | (_, 0o140000) => FileKind::Socket,
@@ -170,7 +170,8 @@ impl LinuxGuest {
             FileKind::Pipe => format!("pipe:[{ino}]"),
             FileKind::Socket if magic == SOCKFS_MAGIC => format!("socket:[{ino}]"),
             FileKind::AnonInode => {
-                let dentry = self.read_ptr(file + l.file_path + l.path_dentry)?;
+                let dentry =
+                    self.read_ptr(file.wrapping_add(l.file_path).wrapping_add(l.path_dentry))?;
                 format!("anon_inode:{}", self.dentry_name(dentry)?)
             }
             _ => self.file_path(file)?,
@@ -181,8 +182,8 @@ impl LinuxGuest {
     fn dentry_name(&self, dentry: u64) -> Result<String, PagingError> {
         let l = self.layout();
         let k = self.kernel_space();
-        let len = k.read_u32(dentry + l.dentry_name + l.qstr_len)? as usize;
-        let name = self.read_ptr(dentry + l.dentry_name + l.qstr_name)?;
+        let len = k.read_u32(dentry.wrapping_add(l.dentry_name).wrapping_add(l.qstr_len))? as usize;
+        let name = self.read_ptr(dentry.wrapping_add(l.dentry_name).wrapping_add(l.qstr_name))?;
         let mut buf = vec![0u8; len.min(limits::MAX_NAME_LEN)];
         k.read(name, &mut buf)?;
         Ok(lossy(&buf))
@@ -191,12 +192,12 @@ impl LinuxGuest {
     /// The path of a `struct file`, as `d_path` would print it from the namespace root.
     pub fn file_path(&self, file: u64) -> Result<String, PagingError> {
         let l = self.layout();
-        let mnt = self.read_ptr(file + l.file_path + l.path_mnt)?;
-        let dentry = self.read_ptr(file + l.file_path + l.path_dentry)?;
+        let mnt = self.read_ptr(file.wrapping_add(l.file_path).wrapping_add(l.path_mnt))?;
+        let dentry = self.read_ptr(file.wrapping_add(l.file_path).wrapping_add(l.path_dentry))?;
         let mut path = self.path_of(mnt, dentry)?;
         // Like d_path: an unhashed dentry that is not a root was unlinked.
-        let pprev = self.read_ptr(dentry + l.dentry_hash_pprev)?;
-        let parent = self.read_ptr(dentry + l.dentry_parent)?;
+        let pprev = self.read_ptr(dentry.wrapping_add(l.dentry_hash_pprev))?;
+        let parent = self.read_ptr(dentry.wrapping_add(l.dentry_parent))?;
         if pprev == 0 && parent != dentry {
             path.push_str(" (deleted)");
         }
@@ -209,19 +210,19 @@ impl LinuxGuest {
         let mut components: Vec<String> = Vec::new();
         let mut total = 0usize;
         for _ in 0..limits::MAX_PATH_COMPONENTS {
-            let mnt_root = self.read_ptr(vfsmount + l.vfsmount_root)?;
+            let mnt_root = self.read_ptr(vfsmount.wrapping_add(l.vfsmount_root))?;
             if dentry == mnt_root {
                 // Cross to the parent mount, unless this is the namespace root.
                 let mount = vfsmount.wrapping_sub(l.mount_mnt);
-                let parent = self.read_ptr(mount + l.mount_parent)?;
+                let parent = self.read_ptr(mount.wrapping_add(l.mount_parent))?;
                 if parent == mount || parent == 0 {
                     break;
                 }
-                dentry = self.read_ptr(mount + l.mount_mountpoint)?;
+                dentry = self.read_ptr(mount.wrapping_add(l.mount_mountpoint))?;
                 vfsmount = parent.wrapping_add(l.mount_mnt);
                 continue;
             }
-            let parent = self.read_ptr(dentry + l.dentry_parent)?;
+            let parent = self.read_ptr(dentry.wrapping_add(l.dentry_parent))?;
             if parent == dentry {
                 // Root of a filesystem that is not mounted here (e.g. a detached mount).
                 break;

@@ -63,6 +63,14 @@ pub struct Layout {
     pub sk_v6_rcv_saddr: Option<u64>,
     pub sk_v6_daddr: Option<u64>,
     pub sk_protocol: Option<u64>,
+    /// `sock_common.skc_node` / `skc_nulls_node` (the same place): hash-chain links.
+    pub sk_node: u64,
+    pub sk_socket: u64,
+    /// Offset of the inode in `struct socket_alloc` (the socket's inode).
+    pub socket_alloc_inode: u64,
+    pub socket_alloc_socket: u64,
+    /// The kernel's socket hash tables, if this kernel's BTF describes them.
+    pub hash_tables: Option<HashTableLayout>,
     pub module_list: u64,
     pub module_name: u64,
     pub module_name_len: u64,
@@ -70,8 +78,43 @@ pub struct Layout {
     pub module_mem: ModuleMemLayout,
 }
 
-/// Where a module's base and size live.
+/// `struct inet_hashinfo` (TCP) and `struct udp_table`.
 #[derive(Debug, Clone)]
+pub struct HashTableLayout {
+    pub ehash: u64,
+    pub ehash_mask: u64,
+    pub ehash_bucket_size: u64,
+    pub lhash2: u64,
+    pub lhash2_mask: u64,
+    pub lhash2_bucket_size: u64,
+    pub lhash2_head: u64,
+    pub udp_hash: u64,
+    pub udp_mask: u64,
+    pub udp_slot_size: u64,
+    pub udp_slot_head: u64,
+}
+
+impl HashTableLayout {
+    fn from_btf(btf: &Btf) -> Result<Self, BtfError> {
+        let off = |s: &str, p: &str| btf.offset_of(s, p);
+        Ok(HashTableLayout {
+            ehash: off("inet_hashinfo", "ehash")?,
+            ehash_mask: off("inet_hashinfo", "ehash_mask")?,
+            ehash_bucket_size: btf.struct_size("inet_ehash_bucket")?,
+            lhash2: off("inet_hashinfo", "lhash2")?,
+            lhash2_mask: off("inet_hashinfo", "lhash2_mask")?,
+            lhash2_bucket_size: btf.struct_size("inet_listen_hashbucket")?,
+            lhash2_head: off("inet_listen_hashbucket", "nulls_head")?,
+            udp_hash: off("udp_table", "hash")?,
+            udp_mask: off("udp_table", "mask")?,
+            udp_slot_size: btf.struct_size("udp_hslot")?,
+            udp_slot_head: off("udp_hslot", "head")?,
+        })
+    }
+}
+
+/// Where a module's base and size live.
+#[derive(Debug, Clone, Copy)]
 pub enum ModuleMemLayout {
     /// 6.4+: `struct module_memory mem[MOD_MEM_NUM_TYPES]`; text is `mem[MOD_TEXT]`.
     MemArray {
@@ -188,6 +231,11 @@ impl Layout {
             sk_v6_rcv_saddr: off("sock", "__sk_common.skc_v6_rcv_saddr").ok(),
             sk_v6_daddr: off("sock", "__sk_common.skc_v6_daddr").ok(),
             sk_protocol: off("sock", "sk_protocol").ok(),
+            sk_node: off("sock", "__sk_common.skc_node")?,
+            sk_socket: off("sock", "sk_socket")?,
+            socket_alloc_inode: off("socket_alloc", "vfs_inode")?,
+            socket_alloc_socket: off("socket_alloc", "socket")?,
+            hash_tables: HashTableLayout::from_btf(btf).ok(),
             module_list: off("module", "list")?,
             module_name: name.offset,
             module_name_len: name.size.clamp(1, 256),

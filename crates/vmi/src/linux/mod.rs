@@ -15,7 +15,7 @@ mod tasks;
 use std::sync::Arc;
 
 pub use files::{FileKind, OpenFile};
-pub use layout::{Layout, ModuleMemLayout};
+pub use layout::{HashTableLayout, Layout, ModuleMemLayout};
 pub use locate::{locate_kernel, KernelLocation, LocateError, LocateInputs, KASLR_ALIGN};
 pub use modules::Module;
 pub use sockets::{Socket, SocketFamily};
@@ -44,6 +44,10 @@ pub mod limits {
     pub const MAX_PATH_LEN: usize = 4096;
     /// Loaded modules.
     pub const MAX_MODULES: usize = 1 << 12;
+    /// Buckets of one socket hash table examined.
+    pub const MAX_HASH_BUCKETS: u64 = 1 << 22;
+    /// Sockets taken from the hash tables in all.
+    pub const MAX_HASHED_SOCKETS: usize = 1 << 18;
 }
 
 /// What the kernel image tells us, parsed once and shared by every attach.

@@ -35,15 +35,15 @@ impl LinuxGuest {
         let l = self.layout();
         let k = self.kernel_space();
         let mut name = vec![0u8; l.module_name_len as usize];
-        k.read(module + l.module_name, &mut name)?;
-        let state = match k.read_u32(module + l.module_state)? {
+        k.read(module.wrapping_add(l.module_name), &mut name)?;
+        let state = match k.read_u32(module.wrapping_add(l.module_state))? {
             0 => "Live",
             1 => "Coming",
             2 => "Going",
             3 => "Unformed",
             _ => "?",
         };
-        let (base, size) = match &l.module_mem {
+        let (base, size) = match l.module_mem {
             ModuleMemLayout::MemArray {
                 mem,
                 elem_size,
@@ -52,12 +52,16 @@ impl LinuxGuest {
                 base,
                 size,
             } => {
-                let text = module + mem + text_index * elem_size;
-                let b = k.read_u64(text + base)?;
+                let text = module
+                    .wrapping_add(mem)
+                    .wrapping_add(text_index.wrapping_mul(elem_size));
+                let b = k.read_u64(text.wrapping_add(base))?;
                 let mut total = 0u64;
-                for i in 0..*count {
-                    let m = module + mem + i * elem_size;
-                    total = total.saturating_add(u64::from(k.read_u32(m + size)?));
+                for i in 0..count {
+                    let m = module
+                        .wrapping_add(mem)
+                        .wrapping_add(i.wrapping_mul(elem_size));
+                    total = total.saturating_add(u64::from(k.read_u32(m.wrapping_add(size))?));
                 }
                 (b, total)
             }
@@ -67,9 +71,11 @@ impl LinuxGuest {
                 base,
                 size,
             } => {
-                let b = k.read_u64(module + core + base)?;
-                let core_size = u64::from(k.read_u32(module + core + size)?);
-                let init_size = u64::from(k.read_u32(module + init + size)?);
+                let b = k.read_u64(module.wrapping_add(core).wrapping_add(base))?;
+                let core_size =
+                    u64::from(k.read_u32(module.wrapping_add(core).wrapping_add(size))?);
+                let init_size =
+                    u64::from(k.read_u32(module.wrapping_add(init).wrapping_add(size))?);
                 (b, core_size.saturating_add(init_size))
             }
         };

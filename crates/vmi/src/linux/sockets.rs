@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use super::{FileKind, LinuxGuest, Listing, Warning};
+use super::{is_kernel_pointer, limits, FileKind, LinuxGuest, Listing, Warning};
 use crate::paging::PagingError;
 
 /// Address families (include/linux/socket.h; ABI).
@@ -68,45 +68,264 @@ pub fn tcp_state_name(state: u8) -> &'static str {
     }
 }
 
+/// TCP states whose `sock_common` is not a full `struct sock`.
+const TCP_TIME_WAIT: u8 = 6;
+const TCP_NEW_SYN_RECV: u8 = 12;
+const TCP_SYN_RECV: u8 = 3;
+
 impl LinuxGuest {
-    /// Every socket some process holds open, once per socket.
+    /// Every socket: the kernel's TCP and UDP hash tables (so sockets no
+    /// process holds, like TIME_WAIT, are included) plus every socket some
+    /// process holds open (unix, netlink, raw, ...), once per socket, with
+    /// the processes holding it.
     pub fn sockets(&self) -> Listing<Socket> {
         let files = self.open_files(None);
         let mut warnings = files.warnings;
-        let mut by_inode: BTreeMap<u64, Socket> = BTreeMap::new();
+        let mut by_sock: BTreeMap<u64, Socket> = BTreeMap::new();
         for f in files
             .items
             .into_iter()
             .filter(|f| f.kind == FileKind::Socket)
         {
-            if let Some(s) = by_inode.get_mut(&f.inode) {
+            let sk = match self.sock_of_file(f.file) {
+                Ok(sk) => sk,
+                Err(e) => {
+                    warnings.push(Warning {
+                        message: format!("pid {} fd {} socket:[{}]: {e}", f.pid, f.fd, f.inode),
+                    });
+                    continue;
+                }
+            };
+            if let Some(s) = by_sock.get_mut(&sk.0) {
                 s.owners.push((f.pid, f.comm, f.fd));
                 continue;
             }
-            match self.read_socket(f.file, f.inode) {
+            match self.read_sock(sk.0, Some(sk.1), f.inode) {
                 Ok(mut s) => {
                     s.owners.push((f.pid, f.comm, f.fd));
-                    by_inode.insert(f.inode, s);
+                    by_sock.insert(sk.0, s);
                 }
                 Err(e) => warnings.push(Warning {
                     message: format!("pid {} fd {} socket:[{}]: {e}", f.pid, f.fd, f.inode),
                 }),
             }
         }
-        Listing {
-            items: by_inode.into_values().collect(),
-            warnings,
+        let mut hashed = self.hashed_sockets();
+        warnings.append(&mut hashed.warnings);
+        for s in hashed.items {
+            by_sock.entry(s.sock).or_insert(s);
+        }
+        let mut items: Vec<Socket> = by_sock.into_values().collect();
+        items.sort_by(|a, b| {
+            (a.family, &a.protocol, a.local, a.inode).cmp(&(
+                b.family,
+                &b.protocol,
+                b.local,
+                b.inode,
+            ))
+        });
+        Listing { items, warnings }
+    }
+
+    /// `(struct sock *, socket type)` of a socket file.
+    fn sock_of_file(&self, file: u64) -> Result<(u64, u16), PagingError> {
+        let l = self.layout();
+        let socket = self.read_ptr(file.wrapping_add(l.file_private_data))?;
+        let sock_type = self
+            .kernel_space()
+            .read_u16(socket.wrapping_add(l.socket_type))?;
+        Ok((self.read_ptr(socket.wrapping_add(l.socket_sk))?, sock_type))
+    }
+
+    /// TCP (established, time-wait, listening) and UDP sockets from the
+    /// kernel's hash tables (`tcp_hashinfo`, `udp_table`), bounded.
+    pub fn hashed_sockets(&self) -> Listing<Socket> {
+        let mut out = Listing {
+            items: Vec::new(),
+            warnings: Vec::new(),
+        };
+        let Some(h) = self.layout().hash_tables.clone() else {
+            out.warnings.push(Warning {
+                message: "this kernel's BTF does not describe the socket hash tables; listing only sockets processes hold".into(),
+            });
+            return out;
+        };
+        let k = self.kernel_space();
+        let mut seen = std::collections::HashSet::new();
+        match self.symbol("tcp_hashinfo") {
+            Ok(info) => {
+                let tables = [
+                    (h.ehash, h.ehash_mask, h.ehash_bucket_size, 0, true),
+                    (
+                        h.lhash2,
+                        h.lhash2_mask,
+                        h.lhash2_bucket_size,
+                        h.lhash2_head,
+                        true,
+                    ),
+                ];
+                for (array_off, mask_off, bucket_size, head_off, nulls) in tables {
+                    let array = self.read_ptr(info.wrapping_add(array_off));
+                    let mask = k.read_u32(info.wrapping_add(mask_off));
+                    match (array, mask) {
+                        (Ok(array), Ok(mask)) => self.walk_hash(
+                            array,
+                            mask,
+                            bucket_size,
+                            head_off,
+                            nulls,
+                            "tcp",
+                            &mut seen,
+                            &mut out,
+                        ),
+                        (Err(e), _) | (_, Err(e)) => out.warnings.push(Warning {
+                            message: format!("tcp_hashinfo: {e}"),
+                        }),
+                    }
+                }
+            }
+            Err(e) => out.warnings.push(Warning {
+                message: e.to_string(),
+            }),
+        }
+        match self.symbol("udp_table") {
+            Ok(table) => {
+                let array = self.read_ptr(table.wrapping_add(h.udp_hash));
+                let mask = k.read_u32(table.wrapping_add(h.udp_mask));
+                match (array, mask) {
+                    (Ok(array), Ok(mask)) => self.walk_hash(
+                        array,
+                        mask,
+                        h.udp_slot_size,
+                        h.udp_slot_head,
+                        false,
+                        "udp",
+                        &mut seen,
+                        &mut out,
+                    ),
+                    (Err(e), _) | (_, Err(e)) => out.warnings.push(Warning {
+                        message: format!("udp_table: {e}"),
+                    }),
+                }
+            }
+            Err(e) => out.warnings.push(Warning {
+                message: e.to_string(),
+            }),
+        }
+        out
+    }
+
+    /// Walks `mask + 1` buckets of `bucket_size` bytes at `array`, each holding
+    /// a chain head at `head_off`: an `hlist_nulls_head` (end marked by bit 0)
+    /// or an `hlist_head` (NULL-terminated).
+    #[allow(clippy::too_many_arguments)]
+    fn walk_hash(
+        &self,
+        array: u64,
+        mask: u32,
+        bucket_size: u64,
+        head_off: u64,
+        nulls: bool,
+        protocol: &'static str,
+        seen: &mut std::collections::HashSet<u64>,
+        out: &mut Listing<Socket>,
+    ) {
+        let l = self.layout();
+        let buckets = (u64::from(mask) + 1).min(limits::MAX_HASH_BUCKETS);
+        let is_end = |p: u64| if nulls { p & 1 == 1 } else { p == 0 };
+        for i in 0..buckets {
+            let mut node = match self.read_ptr(
+                array
+                    .wrapping_add(i.wrapping_mul(bucket_size))
+                    .wrapping_add(head_off),
+            ) {
+                Ok(p) => p,
+                Err(e) => {
+                    out.warnings.push(Warning {
+                        message: format!(
+                            "{protocol} hash bucket {i} at {:#x}: {e}",
+                            array.wrapping_add(i.wrapping_mul(bucket_size))
+                        ),
+                    });
+                    return;
+                }
+            };
+            while !is_end(node) {
+                if out.items.len() >= limits::MAX_HASHED_SOCKETS {
+                    out.warnings.push(Warning {
+                        message: format!(
+                            "more than {} hashed sockets; listing stops there",
+                            limits::MAX_HASHED_SOCKETS
+                        ),
+                    });
+                    return;
+                }
+                let sk = node.wrapping_sub(l.sk_node);
+                if !is_kernel_pointer(node) || !seen.insert(sk) {
+                    out.warnings.push(Warning {
+                        message: format!(
+                            "{protocol} hash bucket {i}: bad or looping chain pointer {node:#x}"
+                        ),
+                    });
+                    break;
+                }
+                match self.read_hashed_sock(sk, protocol) {
+                    Ok(s) => out.items.push(s),
+                    Err(e) => out.warnings.push(Warning {
+                        message: format!("{protocol} socket at {sk:#x}: {e}"),
+                    }),
+                }
+                node = match self.read_ptr(node) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        out.warnings.push(Warning {
+                            message: format!("{protocol} hash bucket {i}: {e}"),
+                        });
+                        break;
+                    }
+                };
+            }
         }
     }
 
-    fn read_socket(&self, file: u64, inode: u64) -> Result<Socket, PagingError> {
+    fn read_hashed_sock(&self, sk: u64, protocol: &'static str) -> Result<Socket, PagingError> {
+        let l = self.layout();
+        let state = self.kernel_space().read_u8(sk.wrapping_add(l.sk_state))?;
+        // Time-wait and request socks are smaller than `struct sock`: only
+        // their `sock_common` may be read, and no process holds them.
+        let inode = if protocol == "tcp" && (state == TCP_TIME_WAIT || state == TCP_NEW_SYN_RECV) {
+            0
+        } else {
+            match self.read_ptr(sk.wrapping_add(l.sk_socket))? {
+                0 => 0,
+                socket => {
+                    let inode = socket
+                        .wrapping_sub(l.socket_alloc_socket)
+                        .wrapping_add(l.socket_alloc_inode);
+                    self.kernel_space()
+                        .read_u64(inode.wrapping_add(l.inode_ino))?
+                }
+            }
+        };
+        let sock_type = if protocol == "tcp" {
+            SOCK_STREAM
+        } else {
+            SOCK_DGRAM
+        };
+        self.read_sock(sk, Some(sock_type), inode)
+    }
+
+    /// Reads the `sock_common` part of a socket.
+    fn read_sock(
+        &self,
+        sk: u64,
+        sock_type: Option<u16>,
+        inode: u64,
+    ) -> Result<Socket, PagingError> {
         let l = self.layout();
         let k = self.kernel_space();
-        let socket = self.read_ptr(file + l.file_private_data)?;
-        let sock_type = k.read_u16(socket + l.socket_type)?;
-        let sk = self.read_ptr(socket + l.socket_sk)?;
-        let family = k.read_u16(sk + l.sk_family)?;
-        let state = k.read_u8(sk + l.sk_state)?;
+        let family = k.read_u16(sk.wrapping_add(l.sk_family))?;
+        let mut state = k.read_u8(sk.wrapping_add(l.sk_state))?;
         let family = match family {
             AF_UNIX => SocketFamily::Unix,
             AF_INET => SocketFamily::Inet,
@@ -115,7 +334,7 @@ impl LinuxGuest {
             AF_PACKET => SocketFamily::Packet,
             other => SocketFamily::Other(other),
         };
-        let protocol = match (family, sock_type) {
+        let protocol = match (family, sock_type.unwrap_or(0)) {
             (SocketFamily::Inet | SocketFamily::Inet6, SOCK_STREAM) => "tcp",
             (SocketFamily::Inet | SocketFamily::Inet6, SOCK_DGRAM) => "udp",
             (_, SOCK_RAW) => "raw",
@@ -126,16 +345,17 @@ impl LinuxGuest {
         .to_string();
         let (local, remote) = match family {
             SocketFamily::Inet => {
-                let src = Ipv4Addr::from(k.read_u32(sk + l.sk_rcv_saddr)?.to_le_bytes());
-                let dst = Ipv4Addr::from(k.read_u32(sk + l.sk_daddr)?.to_le_bytes());
+                let src =
+                    Ipv4Addr::from(k.read_u32(sk.wrapping_add(l.sk_rcv_saddr))?.to_le_bytes());
+                let dst = Ipv4Addr::from(k.read_u32(sk.wrapping_add(l.sk_daddr))?.to_le_bytes());
                 self.ports(sk, IpAddr::V4(src), IpAddr::V4(dst))?
             }
             SocketFamily::Inet6 => match (l.sk_v6_rcv_saddr, l.sk_v6_daddr) {
                 (Some(so), Some(do_)) => {
                     let mut a = [0u8; 16];
                     let mut b = [0u8; 16];
-                    k.read(sk + so, &mut a)?;
-                    k.read(sk + do_, &mut b)?;
+                    k.read(sk.wrapping_add(so), &mut a)?;
+                    k.read(sk.wrapping_add(do_), &mut b)?;
                     self.ports(
                         sk,
                         IpAddr::V6(Ipv6Addr::from(a)),
@@ -146,6 +366,10 @@ impl LinuxGuest {
             },
             _ => (None, None),
         };
+        if protocol == "tcp" && state == TCP_NEW_SYN_RECV {
+            // /proc/net/tcp shows request socks as SYN_RECV.
+            state = TCP_SYN_RECV;
+        }
         let state_name = if protocol == "tcp" {
             tcp_state_name(state)
         } else {
@@ -177,8 +401,8 @@ impl LinuxGuest {
     ) -> Result<(Option<(IpAddr, u16)>, Option<(IpAddr, u16)>), PagingError> {
         let l = self.layout();
         let k = self.kernel_space();
-        let sport = k.read_u16(sk + l.sk_num)?; // host order
-        let dport = u16::from_be(k.read_u16(sk + l.sk_dport)?); // network order
+        let sport = k.read_u16(sk.wrapping_add(l.sk_num))?; // host order
+        let dport = u16::from_be(k.read_u16(sk.wrapping_add(l.sk_dport))?); // network order
         Ok((Some((src, sport)), Some((dst, dport))))
     }
 }

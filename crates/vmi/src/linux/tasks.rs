@@ -53,7 +53,7 @@ impl LinuxGuest {
     pub fn processes(&self) -> Listing<Process> {
         let link = self.layout().task_tasks;
         self.read_kernel_list(
-            self.symbol("init_task").map(|t| t + link),
+            self.symbol("init_task").map(|t| t.wrapping_add(link)),
             link,
             limits::MAX_TASKS,
             "task list",
@@ -66,21 +66,21 @@ impl LinuxGuest {
     pub fn read_process(&self, task: u64) -> Result<Process, PagingError> {
         let k = self.kernel_space();
         let l = self.layout();
-        let pid = k.read_u32(task + l.task_pid)? as i32;
-        let tgid = k.read_u32(task + l.task_tgid)? as i32;
+        let pid = k.read_u32(task.wrapping_add(l.task_pid))? as i32;
+        let tgid = k.read_u32(task.wrapping_add(l.task_tgid))? as i32;
         let mut comm = vec![0u8; l.task_comm_len as usize];
-        k.read(task + l.task_comm, &mut comm)?;
-        let parent = self.read_ptr(task + l.task_real_parent)?;
+        k.read(task.wrapping_add(l.task_comm), &mut comm)?;
+        let parent = self.read_ptr(task.wrapping_add(l.task_real_parent))?;
         // pid 1's and kthreadd's parent is init_task, whose tgid is 0, as /proc shows.
-        let ppid = k.read_u32(parent + l.task_tgid)? as i32;
-        let cred = self.read_ptr(task + l.task_cred)?;
-        let uid = k.read_u32(cred + l.cred_uid)?;
-        let euid = k.read_u32(cred + l.cred_euid)?;
-        let gid = k.read_u32(cred + l.cred_gid)?;
-        let state = k.read_u32(task + l.task_state)?;
-        let exit_state = k.read_u32(task + l.task_exit_state)?;
-        let mm = self.read_ptr(task + l.task_mm)?;
-        let flags = k.read_u32(task + l.task_flags)?;
+        let ppid = k.read_u32(parent.wrapping_add(l.task_tgid))? as i32;
+        let cred = self.read_ptr(task.wrapping_add(l.task_cred))?;
+        let uid = k.read_u32(cred.wrapping_add(l.cred_uid))?;
+        let euid = k.read_u32(cred.wrapping_add(l.cred_euid))?;
+        let gid = k.read_u32(cred.wrapping_add(l.cred_gid))?;
+        let state = k.read_u32(task.wrapping_add(l.task_state))?;
+        let exit_state = k.read_u32(task.wrapping_add(l.task_exit_state))?;
+        let mm = self.read_ptr(task.wrapping_add(l.task_mm))?;
+        let flags = k.read_u32(task.wrapping_add(l.task_flags))?;
         // As /proc does: workqueue workers show their comm plus work queue, other
         // kernel threads their full name.
         let full_name = if flags & PF_KTHREAD != 0 && flags & PF_WQ_WORKER == 0 {
@@ -91,13 +91,13 @@ impl LinuxGuest {
         let (exe, pgd_phys) = if mm == 0 {
             (None, None)
         } else {
-            let exe_file = self.read_ptr(mm + l.mm_exe_file).unwrap_or(0);
+            let exe_file = self.read_ptr(mm.wrapping_add(l.mm_exe_file)).unwrap_or(0);
             let exe = if exe_file == 0 {
                 None
             } else {
                 self.file_path(exe_file).ok()
             };
-            let pgd = self.read_ptr(mm + l.mm_pgd).unwrap_or(0);
+            let pgd = self.read_ptr(mm.wrapping_add(l.mm_pgd)).unwrap_or(0);
             let pgd_phys = self.kernel_space().translate(pgd).ok().map(|t| t.pa);
             (exe, pgd_phys)
         };
@@ -121,11 +121,15 @@ impl LinuxGuest {
     /// `to_kthread(task)->full_name`, when the kernel keeps one.
     fn kthread_full_name(&self, task: u64) -> Option<String> {
         let l = self.layout();
-        let kthread = self.read_ptr(task + l.task_worker_private?).ok()?;
+        let kthread = self
+            .read_ptr(task.wrapping_add(l.task_worker_private?))
+            .ok()?;
         if kthread == 0 {
             return None;
         }
-        let name = self.read_ptr(kthread + l.kthread_full_name?).ok()?;
+        let name = self
+            .read_ptr(kthread.wrapping_add(l.kthread_full_name?))
+            .ok()?;
         if name == 0 {
             return None;
         }
