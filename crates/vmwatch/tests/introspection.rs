@@ -35,7 +35,11 @@ fn vm_name(tag: &str) -> String {
 }
 
 fn boot(name: &str, flavour: Flavour, kaslr: bool, pti: Pti) -> TestVm {
-    let mut opts = UpOptions::new(name);
+    boot_with(UpOptions::new(name), flavour, kaslr, pti)
+}
+
+fn boot_with(mut opts: UpOptions, flavour: Flavour, kaslr: bool, pti: Pti) -> TestVm {
+    let name = opts.name.clone();
     opts.flavour = flavour;
     opts.kaslr = kaslr;
     opts.pti = pti;
@@ -360,6 +364,20 @@ fn stable_kernel_with_kaslr_matches_proc() {
 #[test]
 fn backports_kernel_with_kaslr_matches_proc() {
     full_check(&vm_name("intro-bpo"), Flavour::Backports);
+}
+
+/// A CPU with LA57: the kernel runs with 5-level paging (direct map at
+/// 0xff11...), and the whole view still matches /proc.
+#[test]
+fn five_level_paging_guest_matches_proc() {
+    let mut opts = UpOptions::new(&vm_name("la57"));
+    opts.cpu = Some("max".into()); // the lab default masks la57 off
+    let vm = boot_with(opts, Flavour::Stable, true, Pti::Auto);
+    assert!(sh(&vm, "cat /proc/cpuinfo").contains(" la57"));
+    let k = vmwatch_json(&["kernel", "--vm", vm.name()]);
+    assert_eq!(k["location"]["paging_mode"], "FiveLevel");
+    start_workload(&vm);
+    views_match_proc(&vm);
 }
 
 /// Without KASLR (PVH boot) the slide is zero; with PTI on and off the

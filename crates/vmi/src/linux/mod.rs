@@ -248,9 +248,10 @@ pub(crate) fn lossy(bytes: &[u8]) -> String {
     String::from_utf8_lossy(&bytes[..end]).into_owned()
 }
 
-/// A kernel pointer must be canonical and in the upper half.
-pub(crate) fn is_kernel_pointer(va: u64) -> bool {
-    va >= 0xffff_8000_0000_0000
+/// A kernel pointer must be canonical for the paging mode and in the upper
+/// half (from 0xffff8000_00000000 with 4 levels, 0xff000000_00000000 with 5).
+pub(crate) fn is_kernel_pointer(space: &AddressSpace, va: u64) -> bool {
+    va >> 63 == 1 && space.mode().is_canonical(va)
 }
 
 /// Walks a circular `list_head` from `head`, returning the addresses of the
@@ -282,11 +283,11 @@ pub(crate) fn walk_list(
         if next == head {
             break;
         }
-        if !is_kernel_pointer(next) || !seen.insert(next) {
+        if !is_kernel_pointer(space, next) || !seen.insert(next) {
             warnings.push(Warning {
                 message: format!(
                     "{what}: entry {cur:#x} has a bad next pointer {next:#x} ({}); the list is corrupted",
-                    if is_kernel_pointer(next) { "loops back" } else { "not a kernel address" }
+                    if is_kernel_pointer(space, next) { "loops back" } else { "not a kernel address" }
                 ),
             });
             broken = true;
@@ -312,7 +313,7 @@ pub(crate) fn walk_list(
             Ok(p) => p,
             Err(_) => break,
         };
-        if prev == head || !is_kernel_pointer(prev) || !seen.insert(prev) {
+        if prev == head || !is_kernel_pointer(space, prev) || !seen.insert(prev) {
             break;
         }
         backward.push(prev);

@@ -261,7 +261,7 @@ impl LinuxGuest {
                     return;
                 }
                 let sk = node.wrapping_sub(l.sk_node);
-                if !is_kernel_pointer(node) || !seen.insert(sk) {
+                if !is_kernel_pointer(self.kernel_space(), node) || !seen.insert(sk) {
                     out.warnings.push(Warning {
                         message: format!(
                             "{protocol} hash bucket {i}: bad or looping chain pointer {node:#x}"
