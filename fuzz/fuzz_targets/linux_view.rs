@@ -56,6 +56,7 @@ fn layout(bytes: &[u8]) -> Layout {
         task_exit_state: off(),
         task_flags: off(),
         task_worker_private: Some(off()),
+        pcpu_hot_current_task: Some(off()),
         kthread_full_name: Some(off()),
         cred_uid: off(),
         cred_euid: off(),

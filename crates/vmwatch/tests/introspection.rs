@@ -416,11 +416,17 @@ fn without_kaslr_and_with_pti_on_and_off() {
 /// A dump taken with QEMU's dump-guest-memory gives the same processes offline.
 #[test]
 fn dump_file_gives_the_same_view() {
-    let name = &vm_name("dump");
-    let vm = boot(name, Flavour::Stable, true, Pti::Auto);
+    // 6.1 keeps `current_task` as a per-cpu variable, 6.12 in `pcpu_hot`.
+    dump_check(Flavour::Stable);
+    dump_check(Flavour::Backports);
+}
+
+fn dump_check(flavour: Flavour) {
+    let name = &vm_name(&format!("dump-{flavour}"));
+    let vm = boot(name, flavour, true, Pti::Auto);
     sh(&vm, "setsid sleep 100000 </dev/null >/dev/null 2>&1 &");
     let live = vmwatch_json(&["ps", "--vm", name]);
-    let dump = std::env::temp_dir().join("vmwatch-test-dump.elf");
+    let dump = std::env::temp_dir().join(format!("{name}.elf"));
     vm.dump(&dump).expect("dump-guest-memory");
     let vmlinux = vm.info().vmlinux.to_str().unwrap().to_string();
     let offline = vmwatch_json(&["ps", "--dump", dump.to_str().unwrap(), "--kernel", &vmlinux]);
@@ -433,6 +439,29 @@ fn dump_file_gives_the_same_view() {
     };
     assert_eq!(pids(&live), pids(&offline));
     assert!(items(&offline).iter().any(|p| p["comm"] == "sleep"));
+
+    // The dump's vCPU state gives the per-cpu base; the task it ran must be a
+    // real task (the idle task, or one in the task list).
+    let mem = Arc::new(vmi::memory::ElfDumpMemory::open(&dump).unwrap());
+    let cpu = mem.cpu_states()[0].clone();
+    let image = vmi::image::KernelImage::open(&vm.info().vmlinux).unwrap();
+    let profile = Arc::new(vmi::linux::KernelProfile::from_image(&image).unwrap());
+    let guest = vmi::linux::LinuxGuest::attach(mem, profile).unwrap();
+    // In kernel mode GS holds the per-cpu base; in user mode the swapped-out KERNEL_GS_BASE does.
+    let gs = cpu.gs_base();
+    let percpu = if gs >> 63 == 1 {
+        gs
+    } else {
+        cpu.kernel_gs_base.unwrap()
+    };
+    let current = guest.current_task(percpu).unwrap();
+    let init_task = guest.symbol("init_task").unwrap();
+    let tasks: BTreeSet<u64> = guest.processes().items.iter().map(|p| p.task).collect();
+    let running = guest.read_process(current).unwrap();
+    assert!(
+        current == init_task || tasks.contains(&current),
+        "vCPU 0 runs {current:#x} ({running:?}), which is no known task"
+    );
     let _ = std::fs::remove_file(dump);
 }
 

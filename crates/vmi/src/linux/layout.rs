@@ -23,6 +23,8 @@ pub struct Layout {
     pub task_flags: u64,
     /// `task_struct.worker_private` -> `struct kthread` (kernel threads), and its `full_name`.
     pub task_worker_private: Option<u64>,
+    /// `struct pcpu_hot.current_task` (6.2+); older kernels have a per-cpu `current_task`.
+    pub pcpu_hot_current_task: Option<u64>,
     pub kthread_full_name: Option<u64>,
     pub cred_uid: u64,
     pub cred_euid: u64,
@@ -193,6 +195,7 @@ impl Layout {
             task_exit_state: off("task_struct", "exit_state")?,
             task_flags: off("task_struct", "flags")?,
             task_worker_private: off("task_struct", "worker_private").ok(),
+            pcpu_hot_current_task: off("pcpu_hot", "current_task").ok(),
             kthread_full_name: off("kthread", "full_name").ok(),
             cred_uid: off("cred", "uid")?,
             cred_euid: off("cred", "euid")?,

@@ -118,6 +118,22 @@ impl LinuxGuest {
         })
     }
 
+    /// The task a CPU is running, from that CPU's per-cpu base (the kernel's
+    /// GS base: `gs_base` in kernel mode, `kernel_gs_base` in user mode). The
+    /// per-cpu variable is `pcpu_hot.current_task` (6.2+) or `current_task`;
+    /// per-cpu symbols are offsets, not moved by KASLR.
+    pub fn current_task(&self, percpu_base: u64) -> Result<u64, PagingError> {
+        let symbols = &self.profile().symbols;
+        let offset = match (
+            symbols.address_of("pcpu_hot"),
+            self.layout().pcpu_hot_current_task,
+        ) {
+            (Some(hot), Some(field)) => hot.wrapping_add(field),
+            _ => symbols.address_of("current_task").unwrap_or(0),
+        };
+        self.read_ptr(percpu_base.wrapping_add(offset))
+    }
+
     /// `to_kthread(task)->full_name`, when the kernel keeps one.
     fn kthread_full_name(&self, task: u64) -> Option<String> {
         let l = self.layout();
