@@ -22,7 +22,8 @@ for vm in "${vms[@]}"; do
         echo "quarterly numbers" > /root/secret.txt
         setsid sleep 100000 < /root/secret.txt >/dev/null 2>&1 &
         setsid sh -c "sleep 100001 | sleep 100002" </dev/null >/dev/null 2>&1 &
-        setsid nc -lk 8080 </dev/null >/dev/null 2>&1 &
+        setsid /usr/bin/nc -lk 8080 </dev/null >/dev/null 2>&1 &
+        sleep 1; python3 -c "import socket; socket.create_connection((\"127.0.0.1\", 8080)).close()" 2>/dev/null || true
         modprobe dummy' >/dev/null
 done
 sleep 1
