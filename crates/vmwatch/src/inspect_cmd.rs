@@ -33,6 +33,10 @@ impl Target {
         let (mem, kernel): (Arc<dyn PhysicalMemory>, PathBuf) = match (&self.vm, &self.dump) {
             (Some(name), None) => {
                 let vm = lab::Vm::open(name)?;
+                if !vm.is_running() {
+                    // Its RAM file is still there, but it is a dead guest's.
+                    bail!("lab VM `{name}` is not running (its QEMU exited; see {}): `vmwatch lab down {name}` cleans up", vm.info().qemu_log.display());
+                }
                 let info = vm.info();
                 let mem = MappedFileMemory::open(&info.ram_path, info.ranges.clone(), false)
                     .with_context(|| format!("VM `{name}`: cannot map its RAM"))?;

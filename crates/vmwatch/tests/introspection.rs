@@ -521,6 +521,11 @@ fn corrupted_task_list_is_reported_and_the_rest_listed() {
     );
     // The guest is unharmed.
     assert_eq!(sh(&vm, "echo alive").trim(), "alive");
+
+    // A VM whose QEMU died is refused, not read from its stale RAM file.
+    vm.kill_qemu().unwrap();
+    let err = vmwatch_fails(&["ps", "--vm", name]);
+    assert!(err.contains("not running"), "{err}");
 }
 
 fn vmwatch_fails(args: &[&str]) -> String {
