@@ -2,6 +2,7 @@
 
 mod inspect_cmd;
 mod lab_cmd;
+mod trace_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -46,6 +47,8 @@ enum Command {
         #[command(flatten)]
         target: inspect_cmd::Target,
     },
+    /// Live strace-like stream of a lab VM's syscalls (needs the hook plugin loaded).
+    Trace(trace_cmd::TraceArgs),
     /// Show where the guest's kernel is (KASLR slides, page-table root).
     Kernel {
         #[command(flatten)]
@@ -69,6 +72,7 @@ fn main() {
         Command::Sockets { target } => inspect_cmd::sockets(&target),
         Command::Modules { target } => inspect_cmd::modules(&target),
         Command::Kernel { target } => inspect_cmd::kernel(&target),
+        Command::Trace(args) => trace_cmd::run(args),
     };
     if let Err(err) = result {
         // One line that says what is wrong and what to do.

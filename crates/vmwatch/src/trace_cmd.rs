@@ -55,10 +55,12 @@ pub fn run(args: TraceArgs) -> Result<()> {
 
 /// [`run`] writing to `out`, also stopping when `stop()` says so.
 pub fn run_to(args: &TraceArgs, out: &mut dyn Write, stop: &dyn Fn() -> bool) -> Result<()> {
-    let vm = lab::Vm::open(&args.vm)
-        .with_context(|| format!("no lab VM `{}`", args.vm))?;
+    let vm = lab::Vm::open(&args.vm).with_context(|| format!("no lab VM `{}`", args.vm))?;
     let info = vm.info().clone();
-    let path = args.ring.clone().unwrap_or_else(|| default_ring_path(&args.vm));
+    let path = args
+        .ring
+        .clone()
+        .unwrap_or_else(|| default_ring_path(&args.vm));
     if !path.exists() {
         bail!(
             "VM `{}` has no event ring at {}: start it with `vmwatch lab up {} --plugin file=.../libhook_plugin.so,ring={},vm={}`",
@@ -72,7 +74,11 @@ pub fn run_to(args: &TraceArgs, out: &mut dyn Write, stop: &dyn Fn() -> bool) ->
     let mut reader = Ring::open(&path)?;
     let owner = reader.vm_name();
     if !owner.is_empty() && owner != args.vm {
-        bail!("ring {} belongs to VM `{owner}`, not `{}`", path.display(), args.vm);
+        bail!(
+            "ring {} belongs to VM `{owner}`, not `{}`",
+            path.display(),
+            args.vm
+        );
     }
     let filter = if args.syscall.is_empty() {
         Filter::ALL
@@ -85,7 +91,9 @@ pub fn run_to(args: &TraceArgs, out: &mut dyn Write, stop: &dyn Fn() -> bool) ->
 
     let mut tracer = Tracer::new(&args.vm, &info.uuid, args.json);
     let started = Instant::now();
-    let deadline = args.duration.map(|s| started + Duration::from_secs_f64(s.max(0.0)));
+    let deadline = args
+        .duration
+        .map(|s| started + Duration::from_secs_f64(s.max(0.0)));
     let mut last_dropped = reader.dropped();
     let mut printed = 0u64;
     let mut writer_gone = false;
@@ -125,7 +133,11 @@ pub fn run_to(args: &TraceArgs, out: &mut dyn Write, stop: &dyn Fn() -> bool) ->
         }
     }
     if writer_gone {
-        bail!("VM `{}` stopped (QEMU pid {} exited)", args.vm, reader.writer_pid());
+        bail!(
+            "VM `{}` stopped (QEMU pid {} exited)",
+            args.vm,
+            reader.writer_pid()
+        );
     }
     report_losses(&reader);
     Ok(())
@@ -257,7 +269,11 @@ impl Tracer {
                 entry.name(),
                 format::result(r.nr, r.ret)
             ),
-            (_, Some(r)) => format!("{head} {} = {}", format::call(entry), format::result(r.nr, r.ret)),
+            (_, Some(r)) => format!(
+                "{head} {} = {}",
+                format::call(entry),
+                format::result(r.nr, r.ret)
+            ),
             ("unfinished", None) => format!("{head} {} <unfinished ...>", format::call(entry)),
             (_, None) => format!("{head} {} = ?", format::call(entry)),
         }

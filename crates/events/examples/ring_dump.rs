@@ -1,0 +1,47 @@
+//! Prints what is in a ring now: `cargo run --release -p events --example ring_dump -- /dev/shm/X.ring [max]`.
+fn main() {
+    let mut a = std::env::args().skip(1);
+    let path = a.next().expect("usage: ring_dump RING [MAX]");
+    let max: usize = a
+        .next()
+        .map(|s| s.parse().expect("MAX"))
+        .unwrap_or(usize::MAX);
+    let mut r = match events::Ring::open(path.as_ref()) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("ring_dump: {e}");
+            std::process::exit(1);
+        }
+    };
+    let mut n = 0;
+    for rec in r.poll().take(max) {
+        n += 1;
+        match rec.kind {
+            events::Kind::Entry => println!(
+                "{} v{} cr3={:#x} fs={:#x} {}",
+                rec.seq,
+                rec.vcpu,
+                rec.cr3,
+                rec.task_key,
+                events::format::call(&rec)
+            ),
+            events::Kind::Return => println!(
+                "{} v{} cr3={:#x} fs={:#x}   <- {} #{} = {} (rip {:#x})",
+                rec.seq,
+                rec.vcpu,
+                rec.cr3,
+                rec.task_key,
+                rec.name(),
+                rec.entry_seq,
+                events::format::result(rec.nr, rec.ret),
+                rec.rip
+            ),
+        }
+    }
+    eprintln!(
+        "{n} records, dropped {}, unpaired {}, backlog {}",
+        r.dropped(),
+        r.unpaired(),
+        r.backlog()
+    );
+}

@@ -1,0 +1,691 @@
+//! The per-VM event ring: one file (normally under `/dev/shm`), mapped
+//! shared by the QEMU plugin (producers: one per vCPU thread) and one consumer.
+//!
+//! Layout (little-endian, all offsets fixed by `FORMAT_VERSION`):
+//!
+//! ```text
+//! 0      header (4096 bytes)
+//!        0   magic "VMWRING\0"   8 format version (u32)   12 record size (u32)
+//!        16  capacity (records, power of two)   24 header size   32 writer pid
+//!        40  vm name (64 bytes, NUL-padded)
+//!        128 write counter: next seq to reserve          (own cache line)
+//!        192 read counter: next seq the consumer reads   (own cache line)
+//!        256 dropped: records lost because the ring was full
+//!        264 unpaired: entries the plugin could not remember for pairing
+//!        320 control: filter generation (u64), then the filter bitmap (8 x u64)
+//! 4096   capacity x 128-byte slots
+//! ```
+//!
+//! Protocol (MPSC, lock-free, never blocks a producer):
+//! - A producer reserves `seq` by CAS on the write counter, but only while
+//!   `write - read < capacity`; otherwise it adds one to `dropped` and returns.
+//! - It fills slot `seq % capacity` (relaxed atomic stores) and then publishes it
+//!   by storing `seq + 1` into the slot's stamp word (release).
+//! - The consumer reads slot `read % capacity` when its stamp equals `read + 1`
+//!   (acquire), copies it, and stores `read + 1` into the read counter (release),
+//!   which hands the slot back to producers.
+//!
+//! A producer that dies between reserving and publishing stalls the consumer at
+//! that slot (the producers then count drops); the producers live in one QEMU
+//! process, so that only happens when QEMU dies, and then the stream is over anyway.
+//!
+//! The filter bitmap is read by the plugin on every syscall (one relaxed load)
+//! and written by the consumer ([`RingReader::set_filter`]); the generation counts changes.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use memmap2::MmapRaw;
+
+use crate::record::{Kind, Record};
+use crate::syscalls::Filter;
+
+/// First 8 bytes of every ring file.
+pub const MAGIC: [u8; 8] = *b"VMWRING\0";
+/// Bumped on any layout or protocol change.
+pub const FORMAT_VERSION: u32 = 1;
+/// Bytes per record slot.
+pub const RECORD_SIZE: usize = 128;
+/// Bytes before the first slot.
+pub const HEADER_SIZE: usize = 4096;
+/// Largest accepted capacity (records): 2^24 x 128 B = 2 GiB.
+pub const MAX_CAPACITY: u64 = 1 << 24;
+
+const WORDS: usize = RECORD_SIZE / 8;
+
+#[repr(C)]
+struct Header {
+    magic: [u8; 8],
+    version: u32,
+    record_size: u32,
+    capacity: u64,
+    header_size: u64,
+    writer_pid: u64,
+    vm_name: [u8; 64],
+    _pad0: [u8; 24],
+    write: AtomicU64,
+    _pad1: [u8; 56],
+    read: AtomicU64,
+    _pad2: [u8; 56],
+    dropped: AtomicU64,
+    unpaired: AtomicU64,
+    _pad3: [u8; 48],
+    filter_gen: AtomicU64,
+    filter: [AtomicU64; 8],
+}
+
+const _: () = {
+    assert!(std::mem::offset_of!(Header, write) == 128);
+    assert!(std::mem::offset_of!(Header, read) == 192);
+    assert!(std::mem::offset_of!(Header, dropped) == 256);
+    assert!(std::mem::offset_of!(Header, unpaired) == 264);
+    assert!(std::mem::offset_of!(Header, filter_gen) == 320);
+    assert!(std::mem::size_of::<Header>() <= HEADER_SIZE);
+};
+
+/// One slot: word 0 is the publication stamp (`seq + 1`), the rest the record.
+#[repr(C)]
+struct Slot {
+    words: [AtomicU64; WORDS],
+}
+
+const _: () = assert!(std::mem::size_of::<Slot>() == RECORD_SIZE);
+
+/// Why a ring cannot be created or opened. Each renders as one line.
+#[derive(Debug, thiserror::Error)]
+pub enum RingError {
+    #[error("ring {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a vmwatch event ring (bad magic)")]
+    BadMagic { path: PathBuf },
+    #[error("ring {path} has format version {found}, this build reads version {expected}: rebuild the plugin and vmwatch together")]
+    BadVersion {
+        path: PathBuf,
+        found: u32,
+        expected: u32,
+    },
+    #[error("ring {path} is malformed: {what}")]
+    Malformed { path: PathBuf, what: String },
+    #[error("ring {path} already has a reader (one consumer per ring)")]
+    Busy { path: PathBuf },
+    #[error("ring capacity {0} must be a power of two between 2 and {MAX_CAPACITY}")]
+    Capacity(u64),
+}
+
+/// A mapped ring file; shared by [`RingWriter`] and [`RingReader`].
+struct Mapping {
+    map: MmapRaw,
+    capacity: u64,
+    _file: File,
+}
+
+// SAFETY: the mapping is only accessed through atomics (header counters, slot
+// words) or fields that are immutable after creation, so sharing it between
+// threads cannot race in the Rust sense.
+unsafe impl Sync for Mapping {}
+// SAFETY: as above; the raw pointer inside MmapRaw is valid from any thread.
+unsafe impl Send for Mapping {}
+
+impl Mapping {
+    fn header(&self) -> &Header {
+        // SAFETY: the map is at least HEADER_SIZE bytes (checked at create/open),
+        // page aligned, and every Header field is an integer, byte array or atomic,
+        // valid for any bit pattern. The reference lives no longer than `self.map`.
+        unsafe { &*(self.map.as_ptr() as *const Header) }
+    }
+
+    fn slot(&self, seq: u64) -> &Slot {
+        let index = (seq & (self.capacity - 1)) as usize;
+        // SAFETY: the map is HEADER_SIZE + capacity * RECORD_SIZE bytes (checked),
+        // index < capacity, the offset is 8-byte aligned, and a Slot is 16 atomics,
+        // valid for any bit pattern.
+        unsafe { &*(self.map.as_ptr().add(HEADER_SIZE + index * RECORD_SIZE) as *const Slot) }
+    }
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RingError + '_ {
+    move |source| RingError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The producer side, used by the plugin inside QEMU. Cheap to share between
+/// vCPU threads (`&RingWriter` is `Sync`).
+pub struct RingWriter {
+    m: Mapping,
+}
+
+impl RingWriter {
+    /// Creates (or replaces) the ring file at `path` with room for `capacity`
+    /// records, the VM's name and the initial filter. The file appears at `path`
+    /// only once fully initialised (written beside it, then renamed).
+    pub fn create(
+        path: &Path,
+        capacity: u64,
+        vm_name: &str,
+        filter: &Filter,
+    ) -> Result<RingWriter, RingError> {
+        if !(2..=MAX_CAPACITY).contains(&capacity) || !capacity.is_power_of_two() {
+            return Err(RingError::Capacity(capacity));
+        }
+        let len = HEADER_SIZE as u64 + capacity * RECORD_SIZE as u64;
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(format!(".tmp{}", std::process::id()));
+        let tmp = PathBuf::from(tmp);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(io(path))?;
+        file.set_len(len).map_err(io(path))?;
+        let map = MmapRaw::map_raw(&file).map_err(io(path))?;
+        let m = Mapping {
+            map,
+            capacity,
+            _file: file,
+        };
+        {
+            let p = m.map.as_mut_ptr();
+            let mut name = [0u8; 64];
+            let n = vm_name.len().min(63);
+            name[..n].copy_from_slice(&vm_name.as_bytes()[..n]);
+            // SAFETY: the file was just created by us and nobody else maps it yet
+            // (it is not at its final path); the writes stay inside the header.
+            unsafe {
+                std::ptr::copy_nonoverlapping(MAGIC.as_ptr(), p, 8);
+                (p.add(8) as *mut u32).write(FORMAT_VERSION.to_le());
+                (p.add(12) as *mut u32).write((RECORD_SIZE as u32).to_le());
+                (p.add(16) as *mut u64).write(capacity.to_le());
+                (p.add(24) as *mut u64).write((HEADER_SIZE as u64).to_le());
+                (p.add(32) as *mut u64).write(u64::from(std::process::id()).to_le());
+                std::ptr::copy_nonoverlapping(name.as_ptr(), p.add(40), 64);
+            }
+        }
+        let w = RingWriter { m };
+        for (word, value) in w.m.header().filter.iter().zip(filter.words) {
+            word.store(value, Ordering::Relaxed);
+        }
+        std::sync::atomic::fence(Ordering::Release);
+        std::fs::rename(&tmp, path).map_err(io(path))?;
+        Ok(w)
+    }
+
+    /// Whether syscall `nr` is in the current filter: one relaxed load.
+    #[inline]
+    pub fn wants(&self, nr: u64) -> bool {
+        if nr >= 512 {
+            return false;
+        }
+        self.m.header().filter[(nr / 64) as usize].load(Ordering::Relaxed) & (1 << (nr % 64)) != 0
+    }
+
+    /// Appends `rec` (its `seq` is ignored) and returns the seq it got, or
+    /// `None` if the ring was full (counted in `dropped`). Never blocks.
+    pub fn push(&self, rec: &Record) -> Option<u64> {
+        let h = self.m.header();
+        let mut w = h.write.load(Ordering::Relaxed);
+        loop {
+            let r = h.read.load(Ordering::Acquire);
+            if w.wrapping_sub(r) >= self.m.capacity {
+                h.dropped.fetch_add(1, Ordering::Relaxed);
+                return None;
+            }
+            match h
+                .write
+                .compare_exchange_weak(w, w + 1, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => break,
+                Err(now) => w = now,
+            }
+        }
+        let slot = self.m.slot(w);
+        let words = encode(w, rec);
+        for (dst, src) in slot.words[1..].iter().zip(&words[1..]) {
+            dst.store(*src, Ordering::Relaxed);
+        }
+        slot.words[0].store(w + 1, Ordering::Release);
+        Some(w)
+    }
+
+    /// Counts an entry the plugin could not keep for pairing (its table was full).
+    pub fn count_unpaired(&self) {
+        self.m.header().unpaired.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records published or reserved so far.
+    pub fn written(&self) -> u64 {
+        self.m.header().write.load(Ordering::Relaxed)
+    }
+
+    /// Records lost because the ring was full.
+    pub fn dropped(&self) -> u64 {
+        self.m.header().dropped.load(Ordering::Relaxed)
+    }
+}
+
+fn encode(seq: u64, r: &Record) -> [u64; WORDS] {
+    [
+        seq + 1,
+        r.time_ns,
+        u64::from(r.vcpu) | (u64::from(r.kind.to_raw()) << 32),
+        r.nr,
+        r.args[0],
+        r.args[1],
+        r.args[2],
+        r.args[3],
+        r.args[4],
+        r.args[5],
+        r.ret as u64,
+        r.cr3,
+        r.rip,
+        r.task_key,
+        r.entry_seq,
+        0,
+    ]
+}
+
+fn decode(seq: u64, w: &[u64; WORDS]) -> Option<Record> {
+    Some(Record {
+        seq,
+        time_ns: w[1],
+        vcpu: w[2] as u32,
+        kind: Kind::from_raw((w[2] >> 32) as u32)?,
+        nr: w[3],
+        args: [w[4], w[5], w[6], w[7], w[8], w[9]],
+        ret: w[10] as i64,
+        cr3: w[11],
+        rip: w[12],
+        task_key: w[13],
+        entry_seq: w[14],
+    })
+}
+
+/// Opening a ring for reading.
+pub struct Ring;
+
+impl Ring {
+    /// Maps the ring at `path` for its single consumer. Rejects files that are
+    /// not rings, rings of another format version, malformed sizes, and a ring
+    /// that already has a reader (advisory `flock`).
+    pub fn open(path: &Path) -> Result<RingReader, RingError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(io(path))?;
+        let len = file.metadata().map_err(io(path))?.len();
+        let malformed = |what: String| RingError::Malformed {
+            path: path.to_path_buf(),
+            what,
+        };
+        if len < HEADER_SIZE as u64 {
+            let mut head = [0u8; 8];
+            use std::io::Read;
+            let n = (&file).read(&mut head).map_err(io(path))?;
+            if n < 8 || head != MAGIC {
+                return Err(RingError::BadMagic {
+                    path: path.to_path_buf(),
+                });
+            }
+            return Err(malformed(format!("{len} bytes, shorter than its header")));
+        }
+        // SAFETY: flock on a file descriptor we own; no memory is involved.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let err = std::io::Error::last_os_error();
+            return Err(if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                RingError::Busy {
+                    path: path.to_path_buf(),
+                }
+            } else {
+                RingError::Io {
+                    path: path.to_path_buf(),
+                    source: err,
+                }
+            });
+        }
+        let map = MmapRaw::map_raw(&file).map_err(io(path))?;
+        let mut m = Mapping {
+            map,
+            capacity: 2,
+            _file: file,
+        };
+        let capacity = {
+            let h = m.header();
+            if h.magic != MAGIC {
+                return Err(RingError::BadMagic {
+                    path: path.to_path_buf(),
+                });
+            }
+            let version = u32::from_le(h.version);
+            if version != FORMAT_VERSION {
+                return Err(RingError::BadVersion {
+                    path: path.to_path_buf(),
+                    found: version,
+                    expected: FORMAT_VERSION,
+                });
+            }
+            let record_size = u32::from_le(h.record_size);
+            if record_size as usize != RECORD_SIZE {
+                return Err(malformed(format!(
+                    "record size {record_size}, expected {RECORD_SIZE}"
+                )));
+            }
+            let header_size = u64::from_le(h.header_size);
+            if header_size != HEADER_SIZE as u64 {
+                return Err(malformed(format!(
+                    "header size {header_size}, expected {HEADER_SIZE}"
+                )));
+            }
+            let capacity = u64::from_le(h.capacity);
+            if !(2..=MAX_CAPACITY).contains(&capacity) || !capacity.is_power_of_two() {
+                return Err(malformed(format!(
+                    "capacity {capacity} is not a power of two in 2..={MAX_CAPACITY}"
+                )));
+            }
+            let need = HEADER_SIZE as u64 + capacity * RECORD_SIZE as u64;
+            if len < need || (m.map.len() as u64) < need {
+                return Err(malformed(format!(
+                    "{len} bytes, capacity {capacity} needs {need}"
+                )));
+            }
+            capacity
+        };
+        m.capacity = capacity;
+        Ok(RingReader { m, corrupt: 0 })
+    }
+}
+
+/// The consumer side: the only reader of one ring.
+pub struct RingReader {
+    m: Mapping,
+    corrupt: u64,
+}
+
+impl RingReader {
+    /// Records published since the last poll, in seq order, at most one ring's
+    /// worth. Each record is handed back to producers as soon as it is yielded.
+    /// Slots that do not decode (unknown kind: not written by a compatible
+    /// plugin) are skipped and counted in [`RingReader::corrupt`].
+    pub fn poll(&mut self) -> Drain<'_> {
+        Drain {
+            left: self.m.capacity,
+            reader: self,
+        }
+    }
+
+    /// Records the producers lost because the ring was full.
+    pub fn dropped(&self) -> u64 {
+        self.m.header().dropped.load(Ordering::Relaxed)
+    }
+
+    /// Entries the plugin recorded but could not remember for pairing.
+    pub fn unpaired(&self) -> u64 {
+        self.m.header().unpaired.load(Ordering::Relaxed)
+    }
+
+    /// Records reserved by producers but not read yet.
+    pub fn backlog(&self) -> u64 {
+        let h = self.m.header();
+        h.write
+            .load(Ordering::Relaxed)
+            .wrapping_sub(h.read.load(Ordering::Relaxed))
+    }
+
+    /// Capacity in records.
+    pub fn capacity(&self) -> u64 {
+        self.m.capacity
+    }
+
+    /// The VM name the plugin was started with.
+    pub fn vm_name(&self) -> String {
+        let raw = &self.m.header().vm_name;
+        let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+        String::from_utf8_lossy(&raw[..end]).into_owned()
+    }
+
+    /// PID of the process that created the ring (QEMU).
+    pub fn writer_pid(&self) -> u64 {
+        u64::from_le(self.m.header().writer_pid)
+    }
+
+    /// The filter the plugin applies now.
+    pub fn filter(&self) -> Filter {
+        let mut f = Filter::NONE;
+        for (dst, src) in f.words.iter_mut().zip(&self.m.header().filter) {
+            *dst = src.load(Ordering::Relaxed);
+        }
+        f
+    }
+
+    /// Replaces the plugin's filter at run time; returns the new generation.
+    /// Syscalls already entered keep their pairing (their returns still come).
+    pub fn set_filter(&self, filter: &Filter) -> u64 {
+        let h = self.m.header();
+        for (word, value) in h.filter.iter().zip(filter.words) {
+            word.store(value, Ordering::Relaxed);
+        }
+        h.filter_gen.fetch_add(1, Ordering::Release) + 1
+    }
+
+    /// How many times the filter was changed through the control area.
+    pub fn filter_generation(&self) -> u64 {
+        self.m.header().filter_gen.load(Ordering::Acquire)
+    }
+
+    /// Records that did not decode.
+    pub fn corrupt(&self) -> u64 {
+        self.corrupt
+    }
+}
+
+/// Iterator returned by [`RingReader::poll`].
+pub struct Drain<'a> {
+    reader: &'a mut RingReader,
+    left: u64,
+}
+
+impl Iterator for Drain<'_> {
+    type Item = Record;
+
+    fn next(&mut self) -> Option<Record> {
+        while self.left > 0 {
+            let m = &self.reader.m;
+            let h = m.header();
+            let seq = h.read.load(Ordering::Relaxed);
+            let slot = m.slot(seq);
+            if slot.words[0].load(Ordering::Acquire) != seq + 1 {
+                return None;
+            }
+            let mut words = [0u64; WORDS];
+            for (dst, src) in words.iter_mut().zip(&slot.words).skip(1) {
+                *dst = src.load(Ordering::Relaxed);
+            }
+            h.read.store(seq + 1, Ordering::Release);
+            self.left -= 1;
+            match decode(seq, &words) {
+                Some(rec) => return Some(rec),
+                None => self.reader.corrupt += 1,
+            }
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn tmp(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("events-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join(tag)
+    }
+
+    fn entry(vcpu: u32, nr: u64, arg0: u64) -> Record {
+        Record::entry(vcpu, nr, [arg0, 2, 3, 4, 5, 6], 0x1000, 0x401000, 0x7f00)
+    }
+
+    #[test]
+    fn round_trip_and_header() {
+        let p = tmp("rt");
+        let w = RingWriter::create(&p, 8, "vm-a", &Filter::parse("openat").unwrap()).unwrap();
+        assert!(w.wants(257) && !w.wants(0) && !w.wants(10_000));
+        let mut r = Ring::open(&p).unwrap();
+        assert_eq!(r.vm_name(), "vm-a");
+        assert_eq!(r.capacity(), 8);
+        assert_eq!(r.writer_pid(), u64::from(std::process::id()));
+        assert_eq!(w.push(&entry(1, 257, 9)), Some(0));
+        let ret = Record::ret(0, 257, -2, 0x1000, 0xffff_ffff_8100_0000, 0x7f00, 0);
+        assert_eq!(w.push(&ret), Some(1));
+        let got: Vec<_> = r.poll().collect();
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0].seq, 0);
+        assert_eq!(got[0].kind, Kind::Entry);
+        assert_eq!(got[0].args, [9, 2, 3, 4, 5, 6]);
+        assert_eq!(got[0].vcpu, 1);
+        assert_eq!(got[1].kind, Kind::Return);
+        assert_eq!(got[1].ret, -2);
+        assert_eq!(got[1].entry_seq, 0);
+        assert_eq!(r.poll().count(), 0);
+        // Runtime filter change through the control area.
+        assert_eq!(r.set_filter(&Filter::parse("read").unwrap()), 1);
+        assert!(w.wants(0) && !w.wants(257));
+        assert_eq!(r.filter(), Filter::parse("read").unwrap());
+        // Only one reader.
+        assert!(matches!(Ring::open(&p), Err(RingError::Busy { .. })));
+    }
+
+    #[test]
+    fn overflow_counts_drops_and_never_blocks() {
+        let p = tmp("ovf");
+        let w = RingWriter::create(&p, 4, "vm", &Filter::ALL).unwrap();
+        let mut r = Ring::open(&p).unwrap();
+        let pushed: Vec<_> = (0..10).map(|i| w.push(&entry(0, 39, i))).collect();
+        assert_eq!(pushed.iter().filter(|s| s.is_some()).count(), 4);
+        assert_eq!(r.dropped(), 6);
+        let got: Vec<_> = r.poll().map(|x| x.args[0]).collect();
+        assert_eq!(got, vec![0, 1, 2, 3]);
+        // Space is back after the read.
+        assert_eq!(w.push(&entry(0, 39, 42)), Some(4));
+        assert_eq!(
+            r.poll().map(|x| (x.seq, x.args[0])).collect::<Vec<_>>(),
+            vec![(4, 42)]
+        );
+        assert_eq!(r.dropped(), 6);
+    }
+
+    #[test]
+    fn concurrent_producers_lose_nothing_they_did_not_count() {
+        let p = tmp("mp");
+        let w = Arc::new(RingWriter::create(&p, 256, "vm", &Filter::ALL).unwrap());
+        let mut r = Ring::open(&p).unwrap();
+        const THREADS: u32 = 4;
+        const PER: u64 = 50_000;
+        let handles: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let w = Arc::clone(&w);
+                std::thread::spawn(move || {
+                    let mut ok = 0u64;
+                    for i in 0..PER {
+                        if w.push(&entry(t, 1, i)).is_some() {
+                            ok += 1;
+                        }
+                    }
+                    ok
+                })
+            })
+            .collect();
+        let mut seen = vec![Vec::new(); THREADS as usize];
+        let mut next_seq = 0;
+        let mut done = false;
+        while !done {
+            done = handles.iter().all(|h| h.is_finished());
+            for rec in r.poll() {
+                assert_eq!(rec.seq, next_seq, "seqs are dense and in order");
+                next_seq += 1;
+                seen[rec.vcpu as usize].push(rec.args[0]);
+            }
+        }
+        for rec in r.poll() {
+            seen[rec.vcpu as usize].push(rec.args[0]);
+            next_seq += 1;
+        }
+        let ok: u64 = handles.into_iter().map(|h| h.join().unwrap()).sum();
+        assert_eq!(ok, next_seq);
+        assert_eq!(ok + r.dropped(), u64::from(THREADS) * PER);
+        for s in &seen {
+            assert!(s.windows(2).all(|p| p[0] < p[1]), "per-producer order kept");
+        }
+    }
+
+    #[test]
+    fn open_rejects_bad_files_with_one_line() {
+        let p = tmp("bad");
+        std::fs::write(&p, b"hello").unwrap();
+        let e = Ring::open(&p).err().unwrap().to_string();
+        assert!(e.contains("not a vmwatch event ring"), "{e}");
+        assert!(!e.contains('\n'));
+
+        let w = RingWriter::create(&p, 4, "vm", &Filter::ALL).unwrap();
+        drop(w);
+        let mut bytes = std::fs::read(&p).unwrap();
+        bytes[8] = 99;
+        std::fs::write(&p, &bytes).unwrap();
+        let e = Ring::open(&p).err().unwrap().to_string();
+        assert_eq!(
+            e,
+            format!("ring {} has format version 99, this build reads version 1: rebuild the plugin and vmwatch together", p.display())
+        );
+        bytes[8] = 1;
+        bytes[16] = 3; // capacity 3
+        std::fs::write(&p, &bytes).unwrap();
+        assert!(Ring::open(&p)
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("capacity 3"));
+        bytes[16] = 64; // larger than the file
+        std::fs::write(&p, &bytes).unwrap();
+        assert!(Ring::open(&p).err().unwrap().to_string().contains("needs"));
+        let e = Ring::open(&tmp("missing")).err().unwrap().to_string();
+        assert!(e.contains("No such file"), "{e}");
+        assert!(RingWriter::create(&p, 3, "vm", &Filter::ALL).is_err());
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        /// Any interleaving of pushes and polls: every record comes out once, in
+        /// order, unchanged, and pushed = read + dropped.
+        #[test]
+        fn pushes_and_polls_account_exactly(ops in proptest::collection::vec(0u8..4, 1..300), cap_log in 1u32..5) {
+            let p = tmp(&format!("prop{cap_log}"));
+            let w = RingWriter::create(&p, 1 << cap_log, "vm", &Filter::ALL).unwrap();
+            let mut r = Ring::open(&p).unwrap();
+            let mut accepted = Vec::new();
+            let mut read = Vec::new();
+            let mut pushed = 0u64;
+            for (i, op) in ops.iter().enumerate() {
+                if *op == 0 {
+                    read.extend(r.poll().map(|x| (x.seq, x.args[0])));
+                } else {
+                    pushed += 1;
+                    if let Some(seq) = w.push(&entry(0, 1, i as u64)) {
+                        accepted.push((seq, i as u64));
+                    }
+                }
+            }
+            read.extend(r.poll().map(|x| (x.seq, x.args[0])));
+            proptest::prop_assert_eq!(&read, &accepted);
+            proptest::prop_assert_eq!(pushed, read.len() as u64 + r.dropped());
+        }
+    }
+}

@@ -1,0 +1,210 @@
+//! Pending syscall entries, keyed by task, so that a return is paired with its
+//! entry even when other tasks ran on the vCPU meanwhile (blocking calls).
+//!
+//! # The pairing rule
+//! A task is identified, at both ends of a syscall, by what the CPU shows in
+//! user context: the page-table root (CR3 with the PCID bits, the PTI user bit
+//! 12 and bit 63 masked off, so the user and kernel copies under PTI agree),
+//! `fs_base` (the thread's TLS pointer, which the kernel restores for the task
+//! before returning) and the user stack pointer (`rsp` at `syscall` and at
+//! `sysretq`; at `iretq` the user `rsp` saved in the iret frame). Between a
+//! task's `syscall` and its return it does not run in user mode, so the first
+//! return-to-user with the same key is that syscall's return.
+//!
+//! The stack pointer separates a `vfork`/`posix_spawn` child from its
+//! suspended parent (same mm, same TLS, but the child runs on another stack or
+//! deeper in the same one).
+//!
+//! Limits:
+//! - A successful `execve` returns in a new address space with another stack
+//!   and `fs_base` 0: its return is not reported and its entry stays pending
+//!   (stale) until a task with the same root page, TLS pointer and stack
+//!   pointer makes a syscall. `rt_sigreturn` returns to the interrupted
+//!   context's key, so an interrupted call (e.g. `read` = -EINTR after a
+//!   handler ran) is reported with the result the task finally sees.
+//! - A return with a key that collides with a stale entry (same root page,
+//!   TLS and stack pointer, i.e. in practice the same task after a lost
+//!   return) is paired with that entry.
+//! - `exit`/`exit_group` never return; they are not remembered.
+//! - `arch_prctl(ARCH_SET_FS, addr)` changes `fs_base`: its entry is keyed by
+//!   the new value (`addr`), which the kernel loads before returning.
+//! - The table is fixed-size (4096 buckets, 16-bucket probe window); an entry
+//!   that finds no room is counted (`unpaired` in the ring header).
+//! - The kernel task (pid) is not known here; resolving it needs `gs_base` ->
+//!   per-cpu `current_task` through the introspection core (a later slice).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+const BUCKETS: usize = 4096;
+const PROBE: usize = 16;
+const EMPTY: u64 = 0;
+const BUSY: u64 = u64::MAX;
+
+/// The task identity for pairing (never EMPTY or BUSY).
+pub fn key(cr3: u64, fs_base: u64, rsp: u64) -> u64 {
+    let root = cr3 & 0x000f_ffff_ffff_e000;
+    let mut h = root
+        ^ fs_base.rotate_left(29).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        ^ rsp.rotate_left(47).wrapping_mul(0xd6e8_feb8_6659_fd93);
+    h ^= h >> 31;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 29;
+    match h {
+        EMPTY => 1,
+        BUSY => 2,
+        h => h,
+    }
+}
+
+struct Bucket {
+    key: AtomicU64,
+    seq: AtomicU64,
+    nr: AtomicU64,
+}
+
+/// Lock-free table of pending entries, shared by all vCPU threads. One task
+/// runs on one vCPU at a time, so operations on one key never race each
+/// other; different keys claim buckets by CAS.
+pub struct Table {
+    buckets: Box<[Bucket]>,
+    live: AtomicU64,
+}
+
+impl Default for Table {
+    fn default() -> Self {
+        Table {
+            buckets: (0..BUCKETS)
+                .map(|_| Bucket {
+                    key: AtomicU64::new(EMPTY),
+                    seq: AtomicU64::new(0),
+                    nr: AtomicU64::new(0),
+                })
+                .collect(),
+            live: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Table {
+    fn window(&self, key: u64) -> impl Iterator<Item = &Bucket> {
+        let start = (key as usize) & (BUCKETS - 1);
+        (0..PROBE).map(move |i| &self.buckets[(start + i) & (BUCKETS - 1)])
+    }
+
+    /// No entry pending anywhere: returns need no register reads at all.
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.live.load(Ordering::Acquire) == 0
+    }
+
+    /// Remembers that the task `key` entered syscall `nr` as record `seq`,
+    /// replacing an older entry of the same key. False if there was no room.
+    pub fn insert(&self, key: u64, seq: u64, nr: u64) -> bool {
+        for b in self.window(key) {
+            if b.key.load(Ordering::Acquire) == key {
+                b.seq.store(seq, Ordering::Relaxed);
+                b.nr.store(nr, Ordering::Relaxed);
+                b.key.store(key, Ordering::Release);
+                return true;
+            }
+        }
+        for b in self.window(key) {
+            if b.key
+                .compare_exchange(EMPTY, BUSY, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+            {
+                b.seq.store(seq, Ordering::Relaxed);
+                b.nr.store(nr, Ordering::Relaxed);
+                b.key.store(key, Ordering::Release);
+                self.live.fetch_add(1, Ordering::Release);
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Forgets `key`'s entry, if any.
+    pub fn remove(&self, key: u64) {
+        let _ = self.take(key);
+    }
+
+    /// The pending `(seq, nr)` of task `key`, removed.
+    pub fn take(&self, key: u64) -> Option<(u64, u64)> {
+        for b in self.window(key) {
+            if b.key.load(Ordering::Acquire) == key {
+                let found = (b.seq.load(Ordering::Relaxed), b.nr.load(Ordering::Relaxed));
+                b.key.store(EMPTY, Ordering::Release);
+                self.live.fetch_sub(1, Ordering::Release);
+                return Some(found);
+            }
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn pairs_per_task_across_interleavings() {
+        let t = Table::default();
+        assert!(t.is_empty());
+        let a = key(0x1234_5000, 0x7f00_0000_1000, 0x7ffc_0000);
+        let b = key(0x1234_5000, 0x7f00_0000_2000, 0x7ffc_0000); // another thread, same mm
+        let c = key(0x9999_0000, 0x7f00_0000_1000, 0x7ffc_0000); // another process
+        assert!(a != b && a != c && b != c);
+        // A vfork child on its own stack is another task.
+        assert_ne!(a, key(0x1234_5000, 0x7f00_0000_1000, 0x7000_0000));
+        // PTI user root (bit 12) and PCID bits map to the same task.
+        assert_eq!(
+            key(0x1234_4000 | 0x1000 | 0x801, 7, 9),
+            key(0x1234_4000 | 3, 7, 9)
+        );
+        t.insert(a, 10, 0);
+        t.insert(b, 11, 0);
+        assert_eq!(t.take(c), None);
+        assert_eq!(t.take(b), Some((11, 0)));
+        t.insert(a, 12, 39); // a's older entry (e.g. vfork parent) is replaced
+        assert_eq!(t.take(a), Some((12, 39)));
+        assert_eq!(t.take(a), None);
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn full_window_is_reported() {
+        let t = Table::default();
+        // Keys landing in the same window.
+        let keys: Vec<u64> = (1..=(PROBE as u64 + 1))
+            .map(|i| i * BUCKETS as u64)
+            .collect();
+        for (i, k) in keys.iter().enumerate() {
+            assert_eq!(t.insert(*k, i as u64, 0), i < PROBE);
+        }
+        assert_eq!(t.take(keys[3]), Some((3, 0)));
+        assert!(t.insert(keys[PROBE], 99, 0));
+        assert_eq!(t.take(keys[PROBE]), Some((99, 0)));
+    }
+
+    #[test]
+    fn concurrent_tasks() {
+        let t = Arc::new(Table::default());
+        let hs: Vec<_> = (0..4u64)
+            .map(|th| {
+                let t = Arc::clone(&t);
+                std::thread::spawn(move || {
+                    for i in 0..20_000u64 {
+                        let k = key(th << 13, i % 64, 0x7ffc_0000);
+                        assert!(t.insert(k, i, th));
+                        assert_eq!(t.take(k), Some((i, th)));
+                    }
+                })
+            })
+            .collect();
+        for h in hs {
+            h.join().unwrap();
+        }
+        assert!(t.is_empty());
+    }
+}
