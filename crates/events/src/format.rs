@@ -19,6 +19,8 @@ enum Arg {
     OpenFlags,
     /// Octal file mode.
     Mode,
+    /// A user-space C string (a path): quoted when the caller can read it.
+    Path,
 }
 
 use Arg::*;
@@ -29,27 +31,30 @@ fn shape(name: &str) -> Option<&'static [Arg]> {
         "read" | "write" | "getdents64" => &[Int, Hex, Size],
         "pread64" | "pwrite64" => &[Int, Hex, Size, Int],
         "readv" | "writev" => &[Int, Hex, Int],
-        "open" => &[Hex, OpenFlags, Mode],
-        "openat" => &[DirFd, Hex, OpenFlags, Mode],
-        "creat" | "mkdir" | "chmod" => &[Hex, Mode],
-        "mkdirat" | "fchmodat" => &[DirFd, Hex, Mode],
+        "open" => &[Path, OpenFlags, Mode],
+        "openat" => &[DirFd, Path, OpenFlags, Mode],
+        "creat" | "mkdir" | "chmod" => &[Path, Mode],
+        "mkdirat" | "fchmodat" => &[DirFd, Path, Mode],
         "close" | "dup" | "fsync" | "fdatasync" | "fchdir" => &[Int],
         "dup2" | "listen" | "shutdown" => &[Int, Int],
         "dup3" => &[Int, Int, OpenFlags],
-        "pipe" | "brk" | "set_tid_address" | "uname" | "sysinfo" | "chdir" | "unlink" | "rmdir"
-        | "chroot" => &[Hex],
+        "pipe" | "brk" | "set_tid_address" | "uname" | "sysinfo" => &[Hex],
+        "chdir" | "unlink" | "rmdir" | "chroot" => &[Path],
         "pipe2" => &[Hex, OpenFlags],
-        "stat" | "lstat" | "rename" | "link" | "symlink" | "nanosleep" => &[Hex, Hex],
+        "stat" | "lstat" => &[Path, Hex],
+        "rename" | "link" | "symlink" => &[Path, Path],
+        "nanosleep" => &[Hex, Hex],
+        "execve" => &[Path, Hex, Hex],
         "fstat" => &[Int, Hex],
-        "access" => &[Hex, Int],
-        "faccessat" | "faccessat2" => &[DirFd, Hex, Int, Hex],
-        "newfstatat" => &[DirFd, Hex, Hex, Hex],
-        "statx" => &[DirFd, Hex, Hex, Hex, Hex],
-        "unlinkat" => &[DirFd, Hex, Hex],
-        "renameat" => &[DirFd, Hex, DirFd, Hex],
-        "renameat2" => &[DirFd, Hex, DirFd, Hex, Hex],
-        "readlink" => &[Hex, Hex, Size],
-        "readlinkat" => &[DirFd, Hex, Hex, Size],
+        "access" => &[Path, Int],
+        "faccessat" | "faccessat2" => &[DirFd, Path, Int, Hex],
+        "newfstatat" => &[DirFd, Path, Hex, Hex],
+        "statx" => &[DirFd, Path, Hex, Hex, Hex],
+        "unlinkat" => &[DirFd, Path, Hex],
+        "renameat" => &[DirFd, Path, DirFd, Path],
+        "renameat2" => &[DirFd, Path, DirFd, Path, Hex],
+        "readlink" => &[Path, Hex, Size],
+        "readlinkat" => &[DirFd, Path, Hex, Size],
         "lseek" => &[Int, Int, Int],
         "mmap" => &[Hex, Size, Hex, Hex, Int, Hex],
         "mprotect" => &[Hex, Size, Hex],
@@ -61,7 +66,6 @@ fn shape(name: &str) -> Option<&'static [Arg]> {
         "kill" => &[Int, Int],
         "tgkill" => &[Int, Int, Int],
         "wait4" => &[Int, Hex, Hex, Hex],
-        "execve" => &[Hex, Hex, Hex],
         "execveat" => &[DirFd, Hex, Hex, Hex, Hex],
         "clone" => &[Hex, Hex, Hex, Hex, Hex],
         "clone3" => &[Hex, Size],
@@ -138,8 +142,8 @@ fn arg(kind: Arg, v: u64) -> String {
         DirFd if v as i32 == AT_FDCWD => "AT_FDCWD".to_string(),
         DirFd => (v as i32).to_string(),
         Size => v.to_string(),
-        Hex if v == 0 => "NULL".to_string(),
-        Hex => format!("{v:#x}"),
+        Hex | Path if v == 0 => "NULL".to_string(),
+        Hex | Path => format!("{v:#x}"),
         OpenFlags => open_flags(v),
         Mode => format!("{:04o}", v & 0o7777),
     }
@@ -147,6 +151,12 @@ fn arg(kind: Arg, v: u64) -> String {
 
 /// `openat(AT_FDCWD, 0x7ffd..., O_RDONLY|O_CLOEXEC)` for an entry record.
 pub fn call(rec: &Record) -> String {
+    call_with(rec, &|_| None)
+}
+
+/// Like [`call`], with path arguments shown as quoted strings where
+/// `read_path(address)` can read them (`openat(AT_FDCWD, "/etc/passwd", O_RDONLY)`).
+pub fn call_with(rec: &Record, read_path: &dyn Fn(u64) -> Option<Vec<u8>>) -> String {
     let name = rec.name();
     let args: Vec<String> = match shape(name) {
         Some(shape) => {
@@ -159,7 +169,10 @@ pub fn call(rec: &Record) -> String {
             shape[..n]
                 .iter()
                 .zip(rec.args)
-                .map(|(k, v)| arg(*k, v))
+                .map(|(k, v)| match (k, v != 0) {
+                    (Path, true) => read_path(v).map_or_else(|| arg(*k, v), |p| quote(&p)),
+                    _ => arg(*k, v),
+                })
                 .collect()
         }
         None => rec.args.iter().map(|v| format!("{v:#x}")).collect(),
@@ -169,6 +182,24 @@ pub fn call(rec: &Record) -> String {
     } else {
         format!("{name}({})", args.join(", "))
     }
+}
+
+/// A C-style quoted string, escaping what is not printable ASCII.
+fn quote(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len() + 2);
+    out.push('"');
+    for &b in bytes {
+        match b {
+            b'"' => out.push_str("\\\""),
+            b'\\' => out.push_str("\\\\"),
+            b'\n' => out.push_str("\\n"),
+            b'\t' => out.push_str("\\t"),
+            0x20..=0x7e => out.push(b as char),
+            _ => out.push_str(&format!("\\x{b:02x}")),
+        }
+    }
+    out.push('"');
+    out
 }
 
 /// `3`, `-1 ENOENT (No such file or directory)`, or a hex address for
@@ -255,5 +286,23 @@ mod tests {
         assert_eq!(result(9, 0x7f00_0000_0000), "0x7f0000000000");
         assert_eq!(result(0, -4000), "-1 errno 4000");
         assert_eq!(open_flags(0o4 | 2), "O_RDWR|0x4");
+    }
+}
+
+#[cfg(test)]
+mod path_tests {
+    use super::*;
+    use crate::record::Record;
+
+    #[test]
+    fn paths_are_quoted_when_readable() {
+        let nr = crate::syscalls::number("openat").unwrap();
+        let rec = Record::entry(0, nr, [(-100i64) as u64, 0x7000, 0, 0, 0, 0], 0x1000, 0, 0);
+        assert_eq!(call(&rec), "openat(AT_FDCWD, 0x7000, O_RDONLY)");
+        let read = |a: u64| (a == 0x7000).then(|| b"/root/se\"cret\n".to_vec());
+        assert_eq!(
+            call_with(&rec, &read),
+            "openat(AT_FDCWD, \"/root/se\\\"cret\\n\", O_RDONLY)"
+        );
     }
 }

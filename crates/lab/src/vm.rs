@@ -750,6 +750,22 @@ impl Vm {
         })
     }
 
+    /// The guest's RAM as `vmi` memory (the shared backing file, mapped; the
+    /// guest keeps running). Fails if QEMU is gone: its RAM file is stale.
+    pub fn memory(&self, writable: bool) -> Result<vmi::memory::MappedFileMemory> {
+        if !self.is_running() {
+            return Err(LabError::Dead {
+                name: self.info.name.clone(),
+                pid: self.info.qemu_pid,
+                log: self.info.serial_log.clone(),
+            });
+        }
+        vmi::memory::MappedFileMemory::open(&self.info.ram_path, self.info.ranges.clone(), writable)
+            .map_err(|e| {
+                LabError::Invalid(format!("VM `{}`: cannot map its RAM: {e}", self.info.name))
+            })
+    }
+
     pub fn info(&self) -> &VmInfo {
         &self.info
     }

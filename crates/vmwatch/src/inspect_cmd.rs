@@ -8,7 +8,7 @@ use clap::Args;
 use serde::Serialize;
 use vmi::image::KernelImage;
 use vmi::linux::{KernelProfile, LinuxGuest, Listing};
-use vmi::memory::{ElfDumpMemory, MappedFileMemory, PhysicalMemory, RawMemory};
+use vmi::memory::{ElfDumpMemory, PhysicalMemory, RawMemory};
 
 /// Which guest to look at: a running lab VM, or a memory dump plus its kernel.
 #[derive(Args, Debug, Clone)]
@@ -33,14 +33,7 @@ impl Target {
         let (mem, kernel): (Arc<dyn PhysicalMemory>, PathBuf) = match (&self.vm, &self.dump) {
             (Some(name), None) => {
                 let vm = lab::Vm::open(name)?;
-                if !vm.is_running() {
-                    // Its RAM file is still there, but it is a dead guest's.
-                    bail!("lab VM `{name}` is not running (its QEMU exited; see {}): `vmwatch lab down {name}` cleans up", vm.info().qemu_log.display());
-                }
-                let info = vm.info();
-                let mem = MappedFileMemory::open(&info.ram_path, info.ranges.clone(), false)
-                    .with_context(|| format!("VM `{name}`: cannot map its RAM"))?;
-                (Arc::new(mem), info.vmlinux.clone())
+                (Arc::new(vm.memory(false)?), vm.info().vmlinux.clone())
             }
             (None, Some(dump)) => (open_dump(dump)?, self.kernel.clone().unwrap_or_default()),
             _ => bail!(

@@ -90,6 +90,10 @@ pub fn run_to(args: &TraceArgs, out: &mut dyn Write, stop: &dyn Fn() -> bool) ->
     while reader.poll().count() > 0 {}
 
     let mut tracer = Tracer::new(&args.vm, &info.uuid, args.json);
+    match GuestResolver::open(&vm) {
+        Ok(r) => tracer.resolver = Some(r),
+        Err(e) => eprintln!("warning: pids and paths not shown: {e:#}"),
+    }
     let started = Instant::now();
     let deadline = args
         .duration
@@ -169,6 +173,72 @@ pub struct Tracer {
     json: bool,
     /// Entries waiting for their return, by entry seq.
     pending: BTreeMap<u64, (Record, Instant, bool)>,
+    /// Names processes from guest RAM, when attached.
+    pub resolver: Option<GuestResolver>,
+}
+
+/// Page-table root bits of a CR3: drops the PCID (bits 0-11) and the PTI
+/// user/kernel bit 12 (Linux allocates PGDs 8 KiB-aligned when PTI is built in).
+const ROOT_MASK: u64 = 0x000f_ffff_ffff_e000;
+
+/// Resolves a record's CR3 to the process owning that address space
+/// (`mm->pgd`), from the guest's RAM via vmi, when the record is consumed
+/// (a few ms after the call): a process that already exited shows as `?`.
+pub struct GuestResolver {
+    guest: vmi::linux::LinuxGuest,
+    /// Page-table root -> the task_struct of the process that owns it.
+    by_root: std::cell::RefCell<std::collections::HashMap<u64, u64>>,
+    last_refresh: std::cell::Cell<Option<Instant>>,
+}
+
+impl GuestResolver {
+    pub fn open(vm: &lab::Vm) -> Result<Self> {
+        let mem = std::sync::Arc::new(vm.memory(false)?);
+        let image = vmi::image::KernelImage::open(&vm.info().vmlinux)?;
+        let profile = std::sync::Arc::new(vmi::linux::KernelProfile::from_image(&image)?);
+        Ok(GuestResolver {
+            guest: vmi::linux::LinuxGuest::attach(mem, profile)?,
+            by_root: Default::default(),
+            last_refresh: Default::default(),
+        })
+    }
+
+    /// (tgid, comm) of the process whose page tables `cr3` points at. The
+    /// task is cached per root; its comm is re-read each time (exec changes it).
+    pub fn process(&self, cr3: u64) -> Option<(i32, String)> {
+        let root = cr3 & ROOT_MASK;
+        let cached = self.by_root.borrow().get(&root).copied();
+        // A hit counts only if that task still runs on this root: page-table
+        // pages of exited processes are reused.
+        if let Some(task) = cached.filter(|&t| {
+            self.guest
+                .task_pgd_phys(t)
+                .is_some_and(|p| p & ROOT_MASK == root)
+        }) {
+            return self.guest.task_identity(task).ok();
+        }
+        // A miss means a new process: relist, at most every 10 ms.
+        let now = Instant::now();
+        if self
+            .last_refresh
+            .get()
+            .is_some_and(|t| now.duration_since(t) < Duration::from_millis(10))
+        {
+            return None;
+        }
+        self.last_refresh.set(Some(now));
+        self.guest.refresh();
+        let mut map = self.by_root.borrow_mut();
+        map.clear();
+        for p in self.guest.processes().items {
+            if let Some(pgd) = p.pgd_phys {
+                map.insert(pgd & ROOT_MASK, p.task);
+            }
+        }
+        let task = map.get(&root).copied()?;
+        drop(map);
+        self.guest.task_identity(task).ok()
+    }
 }
 
 impl Tracer {
@@ -178,6 +248,7 @@ impl Tracer {
             uuid: uuid.to_string(),
             json,
             pending: BTreeMap::new(),
+            resolver: None,
         }
     }
 
@@ -237,6 +308,11 @@ impl Tracer {
     /// One output line. `entry` is the entry record (or the return itself
     /// for an unpaired return).
     fn line(&self, entry: &Record, ret: Option<&Record>, state: &str) -> String {
+        let owner = self.resolver.as_ref().and_then(|r| r.process(entry.cr3));
+        // Path arguments stay addresses: read after the fact they are often
+        // already overwritten (seen: stack buffers reused, execve's old mm
+        // gone). The plugin must capture them at the call (issue 3, next slice).
+        let call = format::call(entry);
         if self.json {
             let v = serde_json::json!({
                 "vm": self.vm,
@@ -245,7 +321,9 @@ impl Tracer {
                 "seq": entry.seq,
                 "time_ns": entry.time_ns,
                 "vcpu": entry.vcpu,
-                "pid": null,
+                "pid": owner.as_ref().map(|o| o.0),
+                "comm": owner.as_ref().map(|o| o.1.clone()),
+                "call": call,
                 "cr3": format!("{:#x}", entry.cr3),
                 "task_key": format!("{:#x}", entry.task_key),
                 "nr": entry.nr,
@@ -257,7 +335,10 @@ impl Tracer {
             });
             return v.to_string();
         }
-        let head = format!("?     cr3={:#x}", entry.cr3 & !0xfff);
+        let head = match &owner {
+            Some((pid, comm)) => format!("{pid:<5} {comm:<15}"),
+            None => format!("{:<5} cr3={:#x}", "?", entry.cr3 & !0xfff),
+        };
         match (state, ret) {
             ("resumed", Some(r)) => format!(
                 "{head} <... {} resumed> = {}",
@@ -269,13 +350,9 @@ impl Tracer {
                 entry.name(),
                 format::result(r.nr, r.ret)
             ),
-            (_, Some(r)) => format!(
-                "{head} {} = {}",
-                format::call(entry),
-                format::result(r.nr, r.ret)
-            ),
-            ("unfinished", None) => format!("{head} {} <unfinished ...>", format::call(entry)),
-            (_, None) => format!("{head} {} = ?", format::call(entry)),
+            (_, Some(r)) => format!("{head} {call} = {}", format::result(r.nr, r.ret)),
+            ("unfinished", None) => format!("{head} {call} <unfinished ...>"),
+            (_, None) => format!("{head} {call} = ?"),
         }
     }
 }

@@ -62,6 +62,34 @@ impl LinuxGuest {
         )
     }
 
+    /// Physical address of an mm's page-table root (what CR3 holds, less PCID bits).
+    pub fn mm_pgd_phys(&self, mm: u64) -> Option<u64> {
+        let pgd = self.read_ptr(mm.wrapping_add(self.layout().mm_pgd)).ok()?;
+        self.kernel_space().translate(pgd).ok().map(|t| t.pa)
+    }
+
+    /// The page-table root of a task's address space; None for kernel threads.
+    pub fn task_pgd_phys(&self, task: u64) -> Option<u64> {
+        match self
+            .read_ptr(task.wrapping_add(self.layout().task_mm))
+            .ok()?
+        {
+            0 => None,
+            mm => self.mm_pgd_phys(mm),
+        }
+    }
+
+    /// (tgid, comm) of a task: two small reads, for hot paths that only
+    /// need to name a task (comm changes at exec, so callers re-read it).
+    pub fn task_identity(&self, task: u64) -> Result<(i32, String), PagingError> {
+        let l = self.layout();
+        let k = self.kernel_space();
+        let tgid = k.read_u32(task.wrapping_add(l.task_tgid))? as i32;
+        let mut comm = vec![0u8; l.task_comm_len as usize];
+        k.read(task.wrapping_add(l.task_comm), &mut comm)?;
+        Ok((tgid, lossy(&comm)))
+    }
+
     /// Reads one `task_struct`.
     pub fn read_process(&self, task: u64) -> Result<Process, PagingError> {
         let k = self.kernel_space();
@@ -97,8 +125,7 @@ impl LinuxGuest {
             } else {
                 self.file_path(exe_file).ok()
             };
-            let pgd = self.read_ptr(mm.wrapping_add(l.mm_pgd)).unwrap_or(0);
-            let pgd_phys = self.kernel_space().translate(pgd).ok().map(|t| t.pa);
+            let pgd_phys = self.mm_pgd_phys(mm);
             (exe, pgd_phys)
         };
         Ok(Process {
