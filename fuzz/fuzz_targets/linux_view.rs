@@ -13,28 +13,9 @@ use libfuzzer_sys::fuzz_target;
 use vmi::linux::{
     HashTableLayout, KernelLocation, KernelProfile, Layout, LinuxGuest, ModuleMemLayout,
 };
-use vmi::memory::{MemoryError, PhysRange, PhysicalMemory};
+use vmi::memory::{PhysicalMemory, WrappingMemory};
 use vmi::paging::{AddressSpace, PagingMode};
 use vmi::symbols::{KernelSymbols, Symbol};
-
-struct WrappingMemory {
-    data: Vec<u8>,
-    ranges: Vec<PhysRange>,
-}
-
-impl PhysicalMemory for WrappingMemory {
-    fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
-        let n = self.data.len() as u64;
-        for (i, b) in buf.iter_mut().enumerate() {
-            *b = self.data[(gpa.wrapping_add(i as u64) % n) as usize];
-        }
-        Ok(())
-    }
-
-    fn ranges(&self) -> &[PhysRange] {
-        &self.ranges
-    }
-}
 
 const OFFSET_BYTES: usize = 72;
 
@@ -132,14 +113,10 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     let (offsets, memory) = data.split_at(OFFSET_BYTES);
-    let mem: Arc<dyn PhysicalMemory> = Arc::new(WrappingMemory {
-        data: memory.to_vec(),
-        ranges: vec![PhysRange {
-            gpa: 0,
-            len: 1 << 40,
-            file_offset: 0,
-        }],
-    });
+    let Some(wrapping) = WrappingMemory::new(memory.to_vec(), 1 << 40) else {
+        return;
+    };
+    let mem: Arc<dyn PhysicalMemory> = Arc::new(wrapping);
     let symbols = KernelSymbols::from_symbols(
         ["init_task", "modules", "linux_banner", "init_top_pgt"]
             .iter()

@@ -12,28 +12,8 @@
 use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
-use vmi::memory::{MemoryError, PhysRange, PhysicalMemory, VecMemory};
+use vmi::memory::{PhysicalMemory, VecMemory, WrappingMemory};
 use vmi::paging::{translate, AddressSpace, PagingMode};
-
-/// Guest memory where every guest-physical address is backed: `gpa % len`.
-struct WrappingMemory {
-    data: Vec<u8>,
-    ranges: Vec<PhysRange>,
-}
-
-impl PhysicalMemory for WrappingMemory {
-    fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
-        let n = self.data.len() as u64;
-        for (i, b) in buf.iter_mut().enumerate() {
-            *b = self.data[(gpa.wrapping_add(i as u64) % n) as usize];
-        }
-        Ok(())
-    }
-
-    fn ranges(&self) -> &[PhysRange] {
-        &self.ranges
-    }
-}
 
 fn le64(b: &[u8]) -> u64 {
     u64::from_le_bytes(b.try_into().unwrap())
@@ -54,8 +34,11 @@ fuzz_target!(|input: &[u8]| {
         PagingMode::FourLevel
     };
     let mem: Arc<dyn PhysicalMemory> = if flags & 2 != 0 && !data.is_empty() {
-        let ranges = vec![PhysRange::single(data.len() as u64)];
-        Arc::new(WrappingMemory { data, ranges })
+        let len = data.len() as u64;
+        match WrappingMemory::new(data, len) {
+            Some(m) => Arc::new(m),
+            None => return,
+        }
     } else {
         Arc::new(VecMemory::new(data))
     };

@@ -68,6 +68,19 @@ pub fn tcp_state_name(state: u8) -> &'static str {
     }
 }
 
+/// Where one socket hash table hangs off its global (offsets from BTF).
+struct HashTable {
+    /// Offset of the bucket-array pointer in the global.
+    array: u64,
+    /// Offset of the `u32` mask (buckets - 1) in the global.
+    mask: u64,
+    bucket_size: u64,
+    /// Offset of the chain head in a bucket.
+    head: u64,
+    /// `hlist_nulls` chains (end marked by bit 0) rather than NULL-terminated.
+    nulls: bool,
+}
+
 /// TCP states whose `sock_common` is not a full `struct sock`.
 const TCP_TIME_WAIT: u8 = 6;
 const TCP_NEW_SYN_RECV: u8 = 12;
@@ -152,87 +165,80 @@ impl LinuxGuest {
         };
         let k = self.kernel_space();
         let mut seen = std::collections::HashSet::new();
-        match self.symbol("tcp_hashinfo") {
-            Ok(info) => {
-                let tables = [
-                    (h.ehash, h.ehash_mask, h.ehash_bucket_size, 0, true),
-                    (
-                        h.lhash2,
-                        h.lhash2_mask,
-                        h.lhash2_bucket_size,
-                        h.lhash2_head,
-                        true,
-                    ),
-                ];
-                for (array_off, mask_off, bucket_size, head_off, nulls) in tables {
-                    let array = self.read_ptr(info.wrapping_add(array_off));
-                    let mask = k.read_u32(info.wrapping_add(mask_off));
-                    match (array, mask) {
-                        (Ok(array), Ok(mask)) => self.walk_hash(
-                            array,
-                            mask,
-                            bucket_size,
-                            head_off,
-                            nulls,
-                            "tcp",
-                            &mut seen,
-                            &mut out,
-                        ),
-                        (Err(e), _) | (_, Err(e)) => out.warnings.push(Warning {
-                            message: format!("tcp_hashinfo: {e}"),
-                        }),
-                    }
+        // (global, table, protocol): TCP's established and listening tables
+        // (hlist_nulls chains), then UDP's (plain hlists).
+        let tables = [
+            (
+                "tcp_hashinfo",
+                HashTable {
+                    array: h.ehash,
+                    mask: h.ehash_mask,
+                    bucket_size: h.ehash_bucket_size,
+                    head: 0,
+                    nulls: true,
+                },
+                "tcp",
+            ),
+            (
+                "tcp_hashinfo",
+                HashTable {
+                    array: h.lhash2,
+                    mask: h.lhash2_mask,
+                    bucket_size: h.lhash2_bucket_size,
+                    head: h.lhash2_head,
+                    nulls: true,
+                },
+                "tcp",
+            ),
+            (
+                "udp_table",
+                HashTable {
+                    array: h.udp_hash,
+                    mask: h.udp_mask,
+                    bucket_size: h.udp_slot_size,
+                    head: h.udp_slot_head,
+                    nulls: false,
+                },
+                "udp",
+            ),
+        ];
+        for (global, table, protocol) in tables {
+            let located = self
+                .symbol(global)
+                .map_err(|e| e.to_string())
+                .and_then(|g| {
+                    let array = self.read_ptr(g.wrapping_add(table.array));
+                    let mask = k.read_u32(g.wrapping_add(table.mask));
+                    array
+                        .and_then(|a| mask.map(|m| (a, m)))
+                        .map_err(|e| format!("{global}: {e}"))
+                });
+            match located {
+                Ok((array, mask)) => {
+                    self.walk_hash(array, mask, &table, protocol, &mut seen, &mut out)
                 }
+                Err(message) => out.warnings.push(Warning { message }),
             }
-            Err(e) => out.warnings.push(Warning {
-                message: e.to_string(),
-            }),
-        }
-        match self.symbol("udp_table") {
-            Ok(table) => {
-                let array = self.read_ptr(table.wrapping_add(h.udp_hash));
-                let mask = k.read_u32(table.wrapping_add(h.udp_mask));
-                match (array, mask) {
-                    (Ok(array), Ok(mask)) => self.walk_hash(
-                        array,
-                        mask,
-                        h.udp_slot_size,
-                        h.udp_slot_head,
-                        false,
-                        "udp",
-                        &mut seen,
-                        &mut out,
-                    ),
-                    (Err(e), _) | (_, Err(e)) => out.warnings.push(Warning {
-                        message: format!("udp_table: {e}"),
-                    }),
-                }
-            }
-            Err(e) => out.warnings.push(Warning {
-                message: e.to_string(),
-            }),
         }
         out
     }
 
-    /// Walks `mask + 1` buckets of `bucket_size` bytes at `array`, each holding
-    /// a chain head at `head_off`: an `hlist_nulls_head` (end marked by bit 0)
-    /// or an `hlist_head` (NULL-terminated).
-    #[allow(clippy::too_many_arguments)]
+    /// Walks `mask + 1` buckets of `table.bucket_size` bytes at `array`, each
+    /// holding a chain head at `table.head`: an `hlist_nulls_head` (end marked
+    /// by bit 0) or an `hlist_head` (NULL-terminated).
     fn walk_hash(
         &self,
         array: u64,
         mask: u32,
-        bucket_size: u64,
-        head_off: u64,
-        nulls: bool,
+        table: &HashTable,
         protocol: &'static str,
         seen: &mut std::collections::HashSet<u64>,
         out: &mut Listing<Socket>,
     ) {
         let l = self.layout();
         let buckets = (u64::from(mask) + 1).min(limits::MAX_HASH_BUCKETS);
-        let is_end = |p: u64| if nulls { p & 1 == 1 } else { p == 0 };
+        let (bucket_size, head_off) = (table.bucket_size, table.head);
+        let is_end = |p: u64| if table.nulls { p & 1 == 1 } else { p == 0 };
         for i in 0..buckets {
             let mut node = match self.read_ptr(
                 array

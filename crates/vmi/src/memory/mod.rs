@@ -21,7 +21,7 @@ mod vec;
 pub use elf_dump::{DumpCpuState, DumpSegment, ElfDumpMemory};
 pub use mapped::MappedFileMemory;
 pub use raw::RawMemory;
-pub use vec::VecMemory;
+pub use vec::{VecMemory, WrappingMemory};
 
 /// Errors from reading or writing guest-physical memory.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]

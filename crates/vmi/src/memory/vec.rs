@@ -117,3 +117,38 @@ mod tests {
         assert!(VecMemory::zeroed(1).read_phys(5, &mut empty).is_ok());
     }
 }
+
+/// Memory where every guest-physical address is backed: `gpa` reads byte
+/// `gpa % len`, so any pointer leads somewhere. For fuzzing walks that must
+/// terminate on their own bounds, not on unmapped memory.
+pub struct WrappingMemory {
+    data: Vec<u8>,
+    ranges: Vec<PhysRange>,
+}
+
+impl WrappingMemory {
+    /// `data` must not be empty; `claimed_len` is what [`PhysicalMemory::ranges`] reports.
+    pub fn new(data: Vec<u8>, claimed_len: u64) -> Option<Self> {
+        if data.is_empty() {
+            return None;
+        }
+        Some(WrappingMemory {
+            data,
+            ranges: vec![PhysRange::single(claimed_len)],
+        })
+    }
+}
+
+impl PhysicalMemory for WrappingMemory {
+    fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+        let n = self.data.len() as u64;
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = self.data[(gpa.wrapping_add(i as u64) % n) as usize];
+        }
+        Ok(())
+    }
+
+    fn ranges(&self) -> &[PhysRange] {
+        &self.ranges
+    }
+}
