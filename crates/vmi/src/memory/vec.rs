@@ -87,37 +87,6 @@ impl PhysicalMemory for VecMemory {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn read_write_and_holes() {
-        let mem = VecMemory::with_ranges(
-            vec![0; 0x2000],
-            vec![
-                PhysRange::single(0x1000),
-                PhysRange {
-                    gpa: 0x1_0000_0000,
-                    len: 0x1000,
-                    file_offset: 0x1000,
-                },
-            ],
-        )
-        .unwrap();
-        mem.write_u64(0x1_0000_0008, 0x1122_3344_5566_7788).unwrap();
-        assert_eq!(mem.read_u64(0x1_0000_0008).unwrap(), 0x1122_3344_5566_7788);
-        assert_eq!(mem.to_vec()[0x1008], 0x88);
-        assert_eq!(
-            mem.read_u64(0xffc),
-            Err(MemoryError::Unmapped { gpa: 0x1000 })
-        );
-        assert!(VecMemory::new(Vec::new()).read_u64(0).is_err());
-        let mut empty = [0u8; 0];
-        assert!(VecMemory::zeroed(1).read_phys(5, &mut empty).is_ok());
-    }
-}
-
 /// Memory where every guest-physical address is backed: `gpa` reads byte
 /// `gpa % len`, so any pointer leads somewhere. For fuzzing walks that must
 /// terminate on their own bounds, not on unmapped memory.
@@ -150,5 +119,36 @@ impl PhysicalMemory for WrappingMemory {
 
     fn ranges(&self) -> &[PhysRange] {
         &self.ranges
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_write_and_holes() {
+        let mem = VecMemory::with_ranges(
+            vec![0; 0x2000],
+            vec![
+                PhysRange::single(0x1000),
+                PhysRange {
+                    gpa: 0x1_0000_0000,
+                    len: 0x1000,
+                    file_offset: 0x1000,
+                },
+            ],
+        )
+        .unwrap();
+        mem.write_u64(0x1_0000_0008, 0x1122_3344_5566_7788).unwrap();
+        assert_eq!(mem.read_u64(0x1_0000_0008).unwrap(), 0x1122_3344_5566_7788);
+        assert_eq!(mem.to_vec()[0x1008], 0x88);
+        assert_eq!(
+            mem.read_u64(0xffc),
+            Err(MemoryError::Unmapped { gpa: 0x1000 })
+        );
+        assert!(VecMemory::new(Vec::new()).read_u64(0).is_err());
+        let mut empty = [0u8; 0];
+        assert!(VecMemory::zeroed(1).read_phys(5, &mut empty).is_ok());
     }
 }
