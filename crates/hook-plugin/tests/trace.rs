@@ -53,6 +53,8 @@ fn boot(tag: &str, plugin_args: Option<&str>, cpus: u32) -> TestVm {
     let ring = trace_cmd::default_ring_path(&name);
     let mut opts = UpOptions::new(&name);
     opts.cpus = cpus;
+    // This test loads the plugin itself (or, for the baseline, not at all).
+    opts.hook = false;
     if let Some(extra) = plugin_args {
         opts.plugins.push(format!(
             "file={},ring={},vm={name}{extra}",

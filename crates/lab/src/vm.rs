@@ -140,6 +140,9 @@ pub struct UpOptions {
     pub append: Vec<String>,
     /// TCG plugins, each a `-plugin` argument (`file=...so,arg=...`).
     pub plugins: Vec<String>,
+    /// Load vmwatch's syscall-hook plugin with its event ring (filter `none`:
+    /// near-zero cost until a consumer sets a filter).
+    pub hook: bool,
     /// Raw extra QEMU arguments, appended last.
     pub extra_qemu_args: Vec<String>,
     /// Give up waiting for the agent after this long.
@@ -161,6 +164,7 @@ impl UpOptions {
             pti: Pti::Auto,
             append: Vec::new(),
             plugins: Vec::new(),
+            hook: true,
             extra_qemu_args: Vec::new(),
             boot_timeout: Duration::from_secs(180),
             cache: None,
@@ -208,6 +212,9 @@ pub struct VmInfo {
     /// The full kernel command line.
     pub cmdline: String,
     pub plugins: Vec<String>,
+    /// The syscall-hook plugin's event ring, when it is loaded.
+    #[serde(default)]
+    pub ring: Option<PathBuf>,
     pub qemu_pid: u32,
     pub qemu_argv: Vec<String>,
     pub started_at_unix: u64,
@@ -567,7 +574,30 @@ impl Vm {
             "-append".into(),
             cmdline.clone(),
         ];
-        for p in &opts.plugins {
+        let mut plugins = opts.plugins.clone();
+        let mut ring = None;
+        let own_hook = plugins.iter().any(|p| p.contains("libhook_plugin"));
+        if opts.hook && !own_hook {
+            match hook_plugin_path() {
+                Some(so) => {
+                    let path = hook_ring_path(&opts.name);
+                    let _ = std::fs::remove_file(&path);
+                    plugins.push(format!(
+                        "file={},ring={},vm={},filter=none",
+                        so.display(),
+                        path.display(),
+                        opts.name
+                    ));
+                    ring = Some(path);
+                }
+                None => eprintln!(
+                    "warning: {}: libhook_plugin.so not found next to this program or in $VMWATCH_HOOK_PLUGIN; \
+                     the VM starts without syscall hooks (run `cargo build --release`)",
+                    opts.name
+                ),
+            }
+        }
+        for p in &plugins {
             argv.push("-plugin".into());
             argv.push(p.clone());
         }
@@ -621,7 +651,8 @@ impl Vm {
             kaslr: opts.kaslr,
             pti: opts.pti,
             cmdline,
-            plugins: opts.plugins.clone(),
+            plugins,
+            ring,
             qemu_pid: child.id(),
             qemu_argv: std::iter::once(qemu.display().to_string())
                 .chain(argv)
@@ -934,7 +965,26 @@ fn wait_gone(info: &VmInfo, limit: Duration) -> bool {
     !qemu_alive(info.qemu_pid, &info.uuid)
 }
 
-/// Stops QEMU if it runs, then removes the RAM file and the state dir.
+/// The event ring of VM `name`'s hook plugin (tmpfs, like the RAM file).
+pub fn hook_ring_path(name: &str) -> PathBuf {
+    PathBuf::from(format!("/dev/shm/vmwatch-{name}.ring"))
+}
+
+/// `$VMWATCH_HOOK_PLUGIN`, or `libhook_plugin.so` next to this executable
+/// (or one directory up, for test binaries in `target/*/deps`).
+pub fn hook_plugin_path() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("VMWATCH_HOOK_PLUGIN") {
+        return Some(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().ok()?;
+    exe.ancestors()
+        .skip(1)
+        .take(2)
+        .map(|dir| dir.join("libhook_plugin.so"))
+        .find(|so| so.exists())
+}
+
+/// Stops QEMU if it runs, then removes the RAM file, the event ring and the state dir.
 fn remove_state(info: Option<&VmInfo>, dir: &Path) -> Result<()> {
     if let Some(info) = info {
         if qemu_alive(info.qemu_pid, &info.uuid) {
@@ -958,10 +1008,12 @@ fn remove_state(info: Option<&VmInfo>, dir: &Path) -> Result<()> {
                 )));
             }
         }
-        match std::fs::remove_file(&info.ram_path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(LabError::io(&info.ram_path, e)),
+        for file in std::iter::once(&info.ram_path).chain(info.ring.as_ref()) {
+            match std::fs::remove_file(file) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(LabError::io(file, e)),
+            }
         }
     }
     match std::fs::remove_dir_all(dir) {

@@ -52,6 +52,9 @@ pub enum LabCommand {
         /// A TCG plugin, passed as `-plugin SPEC` (repeatable).
         #[arg(long = "plugin")]
         plugins: Vec<String>,
+        /// Start without vmwatch's syscall-hook plugin (loaded by default, filter off).
+        #[arg(long)]
+        no_hook: bool,
         /// Seconds to wait for the guest agent.
         #[arg(long, default_value_t = 180)]
         timeout: u64,
@@ -128,6 +131,7 @@ pub fn run(cmd: LabCommand) -> Result<()> {
             pti,
             append,
             plugins,
+            no_hook,
             timeout,
         } => {
             let mut opts = UpOptions::new(&name);
@@ -142,6 +146,7 @@ pub fn run(cmd: LabCommand) -> Result<()> {
                 .map(|a| a.split_whitespace().map(str::to_string).collect())
                 .unwrap_or_default();
             opts.plugins = plugins;
+            opts.hook = !no_hook;
             opts.boot_timeout = Duration::from_secs(timeout);
             let vm = Vm::up(&opts)?;
             let i = vm.info();

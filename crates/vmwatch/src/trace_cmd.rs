@@ -44,7 +44,7 @@ pub struct TraceArgs {
 
 /// The ring path `vmwatch lab up NAME` gives the plugin.
 pub fn default_ring_path(vm: &str) -> PathBuf {
-    PathBuf::from(format!("/dev/shm/vmwatch-{vm}.ring"))
+    lab::vm::hook_ring_path(vm)
 }
 
 pub fn run(args: TraceArgs) -> Result<()> {
@@ -60,12 +60,11 @@ pub fn run_to(args: &TraceArgs, out: &mut dyn Write, stop: &dyn Fn() -> bool) ->
     let path = args
         .ring
         .clone()
+        .or_else(|| info.ring.clone())
         .unwrap_or_else(|| default_ring_path(&args.vm));
     if !path.exists() {
         bail!(
-            "VM `{}` has no event ring at {}: start it with `vmwatch lab up {} --plugin file=.../libhook_plugin.so,ring={},vm={}`",
-            args.vm,
-            path.display(),
+            "VM `{}` has no event ring at {}: it was started without the hook plugin; restart it with `vmwatch lab up {}` (the plugin loads by default)",
             args.vm,
             path.display(),
             args.vm
