@@ -37,6 +37,14 @@ for vm in "${vms[@]}"; do
     echo "--- vmwatch modules --vm $vm"; $V modules --vm "$vm"
 done
 echo
+echo "================ demo-web: live syscalls, seen by the hook plugin in QEMU ================"
+echo "--- vmwatch trace --vm demo-web --syscall openat,read,write,close,execve (while the guest copies the secret)"
+$V trace --vm demo-web --syscall openat,read,write,close,execve --duration 6 &
+tracer=$!
+sleep 1
+$V lab exec demo-web -- sh -c 'sleep 0.5; cp /root/secret.txt /root/copy.txt; sleep 1' >/dev/null
+wait $tracer || true
+echo
 $V lab ls
 [ $keep = 1 ] && echo "VMs left running; stop them with: $V lab down --all"
 exit 0
