@@ -47,9 +47,6 @@ pub enum LocateError {
     /// The image lacks a symbol we need.
     #[error("kernel image has no `{0}` symbol: is this the kernel the guest runs?")]
     MissingSymbol(&'static str),
-    /// The banner bytes are not readable from the image.
-    #[error("kernel image: cannot read `linux_banner` bytes")]
-    NoBanner,
     /// No candidate matched.
     #[error("the running kernel does not match this kernel image ({candidates} banner candidates, none with consistent page tables): pass the vmlinux the guest booted")]
     NotFound { candidates: usize },

@@ -179,11 +179,6 @@ impl LinuxGuest {
         let bytes = self.kernel_space().read_cstring(name, 64).ok()?;
         Some(lossy(&bytes))
     }
-
-    /// Finds the process with this tgid.
-    pub fn find_process(&self, pid: i32) -> Option<Process> {
-        self.processes().items.into_iter().find(|p| p.tgid == pid)
-    }
 }
 
 #[cfg(test)]
