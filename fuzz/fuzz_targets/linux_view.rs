@@ -61,6 +61,7 @@ fn layout(bytes: &[u8]) -> Layout {
         inode_mode: off(),
         inode_sb: off(),
         sb_magic: off(),
+        sb_dev: off(),
         mount_mnt: off(),
         mount_parent: off(),
         mount_mountpoint: off(),

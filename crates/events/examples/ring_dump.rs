@@ -18,22 +18,24 @@ fn main() {
         n += 1;
         match rec.kind {
             events::Kind::Entry => println!(
-                "{} v{} cr3={:#x} fs={:#x} {}",
+                "{} v{} cr3={:#x} pid={} tgid={} {}",
                 rec.seq,
                 rec.vcpu,
                 rec.cr3,
-                rec.task_key,
-                events::format::call(&rec)
+                rec.pid,
+                rec.tgid,
+                events::format::call(&rec, None)
             ),
             events::Kind::Return => println!(
-                "{} v{} cr3={:#x} fs={:#x}   <- {} #{} = {} (rip {:#x})",
+                "{} v{} cr3={:#x} pid={} tgid={}   <- {} #{} = {} (rip {:#x})",
                 rec.seq,
                 rec.vcpu,
                 rec.cr3,
-                rec.task_key,
+                rec.pid,
+                rec.tgid,
                 rec.name(),
                 rec.entry_seq,
-                events::format::result(rec.nr, rec.ret),
+                events::format::result_of(&rec),
                 rec.rip
             ),
         }

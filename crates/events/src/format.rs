@@ -1,7 +1,10 @@
-//! strace-like rendering of syscall arguments and results from register
-//! values alone. Strings and buffers are shown as guest addresses: reading
-//! them (bounded, at the moment of the call) is a later slice.
+//! strace-like rendering of syscall arguments and results: register values,
+//! plus what the producer captured at the instruction (paths, argv, socket
+//! addresses, fd pairs, and the files behind fds, shown like `strace -y`:
+//! `read(3</root/secret.txt>, 0x7ffd..., 4096)`). An argument with nothing
+//! captured is shown as its value (an address in hex).
 
+use crate::payload::{FileId, Item, RESULT};
 use crate::record::Record;
 
 /// How to show one argument.
@@ -29,6 +32,11 @@ use Arg::*;
 fn shape(name: &str) -> Option<&'static [Arg]> {
     Some(match name {
         "read" | "write" | "getdents64" => &[Int, Hex, Size],
+        "splice" => &[Int, Hex, Int, Hex, Size, Hex],
+        "tee" => &[Int, Int, Size, Hex],
+        "linkat" => &[DirFd, Path, DirFd, Path, Hex],
+        "symlinkat" => &[Path, DirFd, Path],
+        "memfd_create" => &[Path, Hex],
         "pread64" | "pwrite64" => &[Int, Hex, Size, Int],
         "readv" | "writev" => &[Int, Hex, Int],
         "open" => &[Path, OpenFlags, Mode],
@@ -45,6 +53,7 @@ fn shape(name: &str) -> Option<&'static [Arg]> {
         "rename" | "link" | "symlink" => &[Path, Path],
         "nanosleep" => &[Hex, Hex],
         "execve" => &[Path, Hex, Hex],
+        "openat2" => &[DirFd, Path, Hex, Size],
         "fstat" => &[Int, Hex],
         "access" => &[Path, Int],
         "faccessat" | "faccessat2" => &[DirFd, Path, Int, Hex],
@@ -149,38 +158,146 @@ fn arg(kind: Arg, v: u64) -> String {
     }
 }
 
-/// `openat(AT_FDCWD, 0x7ffd..., O_RDONLY|O_CLOEXEC)` for an entry record.
-pub fn call(rec: &Record) -> String {
-    call_with(rec, &|_| None)
-}
-
-/// Like [`call`], with path arguments shown as quoted strings where
-/// `read_path(address)` can read them (`openat(AT_FDCWD, "/etc/passwd", O_RDONLY)`).
-pub fn call_with(rec: &Record, read_path: &dyn Fn(u64) -> Option<Vec<u8>>) -> String {
-    let name = rec.name();
+/// `openat(AT_FDCWD, "/etc/passwd", O_RDONLY|O_CLOEXEC)` for an entry
+/// record, with what its return captured (`ret`: addresses and fds the
+/// kernel wrote back) when known.
+pub fn call(entry: &Record, ret: Option<&Record>) -> String {
+    let name = entry.name();
+    let items: Vec<Item<'_>> = entry
+        .items()
+        .chain(ret.into_iter().flat_map(|r| r.items()))
+        .collect();
+    let captured = |i: usize| {
+        items
+            .iter()
+            .filter(|it| it.arg() == Some(i as u8))
+            .find(|it| !matches!(it, Item::Unreadable { .. }))
+    };
+    let show = |i: usize, k: Arg, v: u64| -> String {
+        match captured(i) {
+            Some(Item::Str { bytes, cut, .. }) => quote_cut(bytes, *cut),
+            Some(Item::Argv { bytes, cut, .. }) => argv(bytes, *cut),
+            Some(Item::SockAddr { bytes, cut, .. }) => sockaddr(bytes, *cut),
+            Some(Item::FdPair { fds, .. }) => format!("[{}, {}]", fds[0], fds[1]),
+            Some(Item::File { file, .. }) => format!("{}{}", arg(k, v), file_tag(file)),
+            _ => arg(k, v),
+        }
+    };
     let args: Vec<String> = match shape(name) {
         Some(shape) => {
             // open/openat show the mode only with O_CREAT or O_TMPFILE, like strace.
             let n = match name {
-                "open" if rec.args[1] & 0o20200100 == 0 => 2,
-                "openat" if rec.args[2] & 0o20200100 == 0 => 3,
+                "open" if entry.args[1] & 0o20200100 == 0 => 2,
+                "openat" if entry.args[2] & 0o20200100 == 0 => 3,
                 _ => shape.len(),
             };
             shape[..n]
                 .iter()
-                .zip(rec.args)
-                .map(|(k, v)| match (k, v != 0) {
-                    (Path, true) => read_path(v).map_or_else(|| arg(*k, v), |p| quote(&p)),
-                    _ => arg(*k, v),
-                })
+                .zip(entry.args)
+                .enumerate()
+                .map(|(i, (k, v))| show(i, *k, v))
                 .collect()
         }
-        None => rec.args.iter().map(|v| format!("{v:#x}")).collect(),
+        None => entry
+            .args
+            .iter()
+            .enumerate()
+            .map(|(i, v)| match captured(i) {
+                Some(_) => show(i, Hex, *v),
+                None => format!("{v:#x}"),
+            })
+            .collect(),
     };
     if name == "?" {
-        format!("syscall_{}({})", rec.nr, args.join(", "))
+        format!("syscall_{}({})", entry.nr, args.join(", "))
     } else {
         format!("{name}({})", args.join(", "))
+    }
+}
+
+/// The result of a return record, with the file it names when the result is
+/// an fd the producer resolved (`3</root/copy.txt>`).
+pub fn result_of(ret: &Record) -> String {
+    let base = result(ret.nr, ret.ret);
+    match ret.items().find_map(|it| match it {
+        Item::File { arg: RESULT, file } if ret.ret >= 0 => Some(file_tag(&file)),
+        _ => None,
+    }) {
+        Some(tag) => base + &tag,
+        None => base,
+    }
+}
+
+/// `</root/secret.txt>` (strace -y), with `...` when the path was cut.
+pub fn file_tag(file: &FileId<'_>) -> String {
+    let path = String::from_utf8_lossy(file.path);
+    format!("<{path}{}>", if file.cut { "..." } else { "" })
+}
+
+fn quote_cut(bytes: &[u8], cut: bool) -> String {
+    let q = quote(bytes);
+    if cut {
+        q + "..."
+    } else {
+        q
+    }
+}
+
+fn argv(bytes: &[u8], cut: bool) -> String {
+    let parts: Vec<String> = bytes
+        .split(|&b| b == 0)
+        .filter(|p| !p.is_empty())
+        .map(quote)
+        .collect();
+    format!("[{}{}]", parts.join(", "), if cut { ", ..." } else { "" })
+}
+
+/// `{AF_INET, 10.0.2.2:80}`, `{AF_INET6, [::1]:22}`, `{AF_UNIX, "/run/x"}`.
+pub fn sockaddr(b: &[u8], cut: bool) -> String {
+    let family = if b.len() >= 2 {
+        u16::from_le_bytes([b[0], b[1]])
+    } else {
+        return "{}".to_string();
+    };
+    let port = |b: &[u8]| u16::from_be_bytes([b[2], b[3]]);
+    let s = match family {
+        1 => {
+            let path = &b[2..];
+            let path = if path.first() == Some(&0) {
+                // Abstract socket: the name is the rest, shown with a leading @.
+                let end = path.len();
+                format!("@{}", String::from_utf8_lossy(&path[1..end]))
+            } else {
+                let end = path.iter().position(|&c| c == 0).unwrap_or(path.len());
+                String::from_utf8_lossy(&path[..end]).into_owned()
+            };
+            format!("{{AF_UNIX, {}}}", quote(path.as_bytes()))
+        }
+        2 if b.len() >= 8 => format!(
+            "{{AF_INET, {}.{}.{}.{}:{}}}",
+            b[4],
+            b[5],
+            b[6],
+            b[7],
+            port(b)
+        ),
+        10 if b.len() >= 24 => {
+            let mut a = [0u8; 16];
+            a.copy_from_slice(&b[8..24]);
+            format!(
+                "{{AF_INET6, [{}]:{}}}",
+                std::net::Ipv6Addr::from(a),
+                port(b)
+            )
+        }
+        16 => "{AF_NETLINK}".to_string(),
+        17 => "{AF_PACKET}".to_string(),
+        f => format!("{{family {f}}}"),
+    };
+    if cut {
+        s + "..."
+    } else {
+        s
     }
 }
 
@@ -261,7 +378,11 @@ mod tests {
     use super::*;
 
     fn rec(nr: u64, args: [u64; 6]) -> Record {
-        Record::entry(0, nr, args, 0, 0, 0)
+        Record::entry(0, nr, args, 0, 0)
+    }
+
+    fn call(r: &Record) -> String {
+        super::call(r, None)
     }
 
     #[test]
@@ -290,19 +411,81 @@ mod tests {
 }
 
 #[cfg(test)]
-mod path_tests {
+mod capture_tests {
     use super::*;
+    use crate::payload::{FileKind, PayloadBuf};
     use crate::record::Record;
+    use crate::syscalls::number;
+
+    fn with(nr: &str, args: [u64; 6], build: impl FnOnce(&mut PayloadBuf)) -> Record {
+        let mut r = Record::entry(0, number(nr).unwrap(), args, 0x1000, 0);
+        let mut p = Box::<PayloadBuf>::default();
+        build(&mut p);
+        r.payload = p.as_bytes().to_vec();
+        r
+    }
+
+    fn s(p: &mut PayloadBuf, arg: u8, text: &[u8], cut: bool) {
+        p.string(arg, |b| {
+            b[..text.len()].copy_from_slice(text);
+            (text.len(), cut)
+        });
+    }
 
     #[test]
-    fn paths_are_quoted_when_readable() {
-        let nr = crate::syscalls::number("openat").unwrap();
-        let rec = Record::entry(0, nr, [(-100i64) as u64, 0x7000, 0, 0, 0, 0], 0x1000, 0, 0);
-        assert_eq!(call(&rec), "openat(AT_FDCWD, 0x7000, O_RDONLY)");
-        let read = |a: u64| (a == 0x7000).then(|| b"/root/se\"cret\n".to_vec());
+    fn captured_items_replace_addresses() {
+        let fdcwd = (-100i64) as u64;
+        let e = with("openat", [fdcwd, 0x7000, 0, 0, 0, 0], |p| {
+            s(p, 1, b"/root/se\"cret\n", false)
+        });
         assert_eq!(
-            call_with(&rec, &read),
+            call(&e, None),
             "openat(AT_FDCWD, \"/root/se\\\"cret\\n\", O_RDONLY)"
         );
+        let mut r = Record::ret(0, e.nr, 3, 0, 0, 0);
+        let mut p = Box::<PayloadBuf>::default();
+        p.file(RESULT, 0x800001, 12, FileKind::Regular, b"/root/secret.txt");
+        r.payload = p.as_bytes().to_vec();
+        assert_eq!(result_of(&r), "3</root/secret.txt>");
+
+        let e = with("read", [3, 0x5000, 4096, 0, 0, 0], |p| {
+            p.file(0, 1, 2, FileKind::Pipe, b"pipe:[77]")
+        });
+        assert_eq!(call(&e, None), "read(3<pipe:[77]>, 0x5000, 4096)");
+
+        let e = with("execve", [0x1000, 0x2000, 0x3000, 0, 0, 0], |p| {
+            s(p, 0, b"/bin/ls", false);
+            p.argv(1, 64, |b| {
+                b[..9].copy_from_slice(b"ls\0-l\0/x\0");
+                (9, true)
+            });
+        });
+        assert_eq!(
+            call(&e, None),
+            "execve(\"/bin/ls\", [\"ls\", \"-l\", \"/x\", ...], 0x3000)"
+        );
+
+        let sin = [2, 0, 0, 80, 10, 0, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0];
+        let e = with("connect", [4, 0x6000, 16, 0, 0, 0], |p| {
+            p.sockaddr(1, &sin, false)
+        });
+        assert_eq!(call(&e, None), "connect(4, {AF_INET, 10.0.2.2:80}, 16)");
+
+        let e = with("pipe2", [0x7000, 0o2000000, 0, 0, 0, 0], |_| {});
+        let mut r = Record::ret(0, e.nr, 0, 0, 0, 0);
+        let mut p = Box::<PayloadBuf>::default();
+        p.fd_pair(0, [3, 4]);
+        r.payload = p.as_bytes().to_vec();
+        assert_eq!(call(&e, Some(&r)), "pipe2([3, 4], O_RDONLY|O_CLOEXEC)");
+
+        let mut six = [0u8; 28];
+        six[0] = 10;
+        six[2..4].copy_from_slice(&22u16.to_be_bytes());
+        six[23] = 1;
+        assert_eq!(sockaddr(&six, false), "{AF_INET6, [::1]:22}");
+        let mut un = vec![1u8, 0];
+        un.extend_from_slice(b"/run/x\0");
+        assert_eq!(sockaddr(&un, false), "{AF_UNIX, \"/run/x\"}");
+        assert_eq!(sockaddr(&[1], false), "{}");
     }
 }

@@ -2,7 +2,9 @@
 //! from the QEMU plugin (`hook-plugin`, one producer per vCPU thread) to one
 //! consumer (`vmwatch trace`, later `vmwatchd`).
 //!
-//! - [`record`]: the fixed-size [`Record`] (entry or return of one syscall).
+//! - [`record`]: a [`Record`] (entry or return of one syscall: fixed fields
+//!   and a payload of captured items, [`payload`]).
+//! - [`capture`]: what producers capture for each syscall.
 //! - [`ring`]: the file format and its lock-free multi-producer,
 //!   single-consumer protocol; [`RingWriter`] for the plugin, [`Ring::open`]
 //!   / [`RingReader`] for the consumer. A full ring never blocks the guest:
@@ -11,12 +13,15 @@
 //!   its parser (`all`, `none`, `openat,read,...`).
 //! - [`format`]: strace-like rendering of arguments and results.
 
+pub mod capture;
 pub mod format;
+pub mod payload;
 pub mod record;
 pub mod ring;
 pub mod syscalls;
 
-pub use record::{Kind, Record, NO_ENTRY};
+pub use payload::{FileId, FileKind, Item, PayloadBuf};
+pub use record::{Kind, Record, FLAG_PAYLOAD_CUT, FLAG_TASK, NO_ENTRY};
 pub use ring::{Ring, RingError, RingReader, RingWriter, FORMAT_VERSION, MAGIC};
 pub use syscalls::{Filter, FilterError};
 

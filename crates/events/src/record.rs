@@ -1,9 +1,16 @@
-//! One syscall event: the entry (number, six arguments) or the return (result)
-//! of a system call made by a guest task.
+//! One syscall event: the entry (number, six arguments, captured strings) or
+//! the return (result, captured outputs) of a system call made by a guest task.
 
 /// `entry_seq` of a return whose entry the plugin could not pair (e.g. the
 /// successful return of `execve`, which lands in a new address space).
 pub const NO_ENTRY: u64 = u64::MAX;
+
+/// [`Record::flags`]: `pid`, `tgid` and `task` were read from the guest
+/// kernel at the instruction (the per-cpu `current_task`).
+pub const FLAG_TASK: u16 = 1;
+/// [`Record::flags`]: the payload was cut at [`crate::payload::MAX_PAYLOAD`]
+/// (items that did not fit are missing; the ones present are whole or marked).
+pub const FLAG_PAYLOAD_CUT: u16 = 2;
 
 /// Entry into or return from a syscall.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -16,14 +23,14 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub(crate) fn to_raw(self) -> u32 {
+    pub(crate) fn to_raw(self) -> u8 {
         match self {
             Kind::Entry => 1,
             Kind::Return => 2,
         }
     }
 
-    pub(crate) fn from_raw(raw: u32) -> Option<Kind> {
+    pub(crate) fn from_raw(raw: u8) -> Option<Kind> {
         match raw {
             1 => Some(Kind::Entry),
             2 => Some(Kind::Return),
@@ -33,9 +40,10 @@ impl Kind {
 }
 
 /// One event as the consumer sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
-    /// Position in the ring's stream: dense, starts at 0, assigned by the ring.
+    /// Position of the record in the ring's stream, assigned by the ring:
+    /// increasing, with gaps where a record spans several slots.
     pub seq: u64,
     /// Host `CLOCK_MONOTONIC` ns when the vCPU reached the instruction.
     pub time_ns: u64,
@@ -44,7 +52,8 @@ pub struct Record {
     pub kind: Kind,
     /// Syscall number (`rax` at entry; the paired entry's number at return).
     pub nr: u64,
-    /// `rdi, rsi, rdx, r10, r8, r9` at entry; zero at return.
+    /// `rdi, rsi, rdx, r10, r8, r9` at entry; at return the entry's arguments
+    /// when the plugin kept them (it does for pairing), else zero.
     pub args: [u64; 6],
     /// `rax` at return (the result, negative errno on failure); zero at entry.
     pub ret: i64,
@@ -53,16 +62,24 @@ pub struct Record {
     pub cr3: u64,
     /// Guest virtual address of the instrumented instruction.
     pub rip: u64,
-    /// The user-visible task identity the plugin pairs by (`fs_base`, the
-    /// thread's TLS pointer; see hook-plugin's pairing rule).
-    pub task_key: u64,
+    /// The kernel's `task_struct` of the calling thread (0: unknown).
+    pub task: u64,
+    /// Kernel pid of the calling thread (the tid user space sees); valid with [`FLAG_TASK`].
+    pub pid: u32,
+    /// Thread-group id (the pid user space sees); valid with [`FLAG_TASK`].
+    pub tgid: u32,
     /// For a return: `seq` of its entry, or [`NO_ENTRY`]. For an entry: [`NO_ENTRY`].
     pub entry_seq: u64,
+    /// `FLAG_*` bits.
+    pub flags: u16,
+    /// Captured items ([`crate::payload`]): strings, socket addresses, file
+    /// identities, the task's comm.
+    pub payload: Vec<u8>,
 }
 
 impl Record {
     /// A blank entry record; the ring fills `seq`.
-    pub fn entry(vcpu: u32, nr: u64, args: [u64; 6], cr3: u64, rip: u64, task_key: u64) -> Self {
+    pub fn entry(vcpu: u32, nr: u64, args: [u64; 6], cr3: u64, rip: u64) -> Self {
         Record {
             seq: 0,
             time_ns: crate::now_ns(),
@@ -73,38 +90,37 @@ impl Record {
             ret: 0,
             cr3,
             rip,
-            task_key,
+            task: 0,
+            pid: 0,
+            tgid: 0,
             entry_seq: NO_ENTRY,
+            flags: 0,
+            payload: Vec::new(),
         }
     }
 
     /// A blank return record; the ring fills `seq`.
-    pub fn ret(
-        vcpu: u32,
-        nr: u64,
-        ret: i64,
-        cr3: u64,
-        rip: u64,
-        task_key: u64,
-        entry_seq: u64,
-    ) -> Self {
+    pub fn ret(vcpu: u32, nr: u64, ret: i64, cr3: u64, rip: u64, entry_seq: u64) -> Self {
         Record {
-            seq: 0,
-            time_ns: crate::now_ns(),
-            vcpu,
             kind: Kind::Return,
-            nr,
-            args: [0; 6],
             ret,
-            cr3,
-            rip,
-            task_key,
             entry_seq,
+            ..Record::entry(vcpu, nr, [0; 6], cr3, rip)
         }
     }
 
     /// Name of the syscall (`"?"` for numbers outside the table).
     pub fn name(&self) -> &'static str {
         crate::syscalls::name(self.nr).unwrap_or("?")
+    }
+
+    /// Whether the plugin named the calling task.
+    pub fn has_task(&self) -> bool {
+        self.flags & FLAG_TASK != 0
+    }
+
+    /// The captured items, in the order the plugin wrote them.
+    pub fn items(&self) -> crate::payload::Items<'_> {
+        crate::payload::Items::new(&self.payload)
     }
 }

@@ -12,18 +12,28 @@
 //!        192 read counter: next seq the consumer reads   (own cache line)
 //!        256 dropped: records lost because the ring was full
 //!        264 unpaired: entries the plugin could not remember for pairing
+//!        272 records: records published
 //!        320 control: filter generation (u64), then the filter bitmap (8 x u64)
+//!        392 control: the fd filter bitmap (8 x u64): syscalls whose fds are
+//!            resolved to file identities
 //! 4096   capacity x 128-byte slots
 //! ```
 //!
+//! A record is one head slot (the fixed fields) followed by `n - 1` extension
+//! slots carrying its payload, 120 bytes each; every slot starts with its
+//! publication stamp (`position + 1`). Head slot words after the stamp: time,
+//! `vcpu u16 | kind u8 | n u8 | payload length u16 | flags u16`, nr, six
+//! arguments, result, cr3, rip, task, entry seq, `pid u32 | tgid u32`.
+//!
 //! Protocol (MPSC, lock-free, never blocks a producer):
-//! - A producer reserves `seq` by CAS on the write counter, but only while
-//!   `write - read < capacity`; otherwise it adds one to `dropped` and returns.
-//! - It fills slot `seq % capacity` (relaxed atomic stores) and then publishes it
-//!   by storing `seq + 1` into the slot's stamp word (release).
-//! - The consumer reads slot `read % capacity` when its stamp equals `read + 1`
-//!   (acquire), copies it, and stores `read + 1` into the read counter (release),
-//!   which hands the slot back to producers.
+//! - A producer reserves `n` slots at `seq` by CAS on the write counter, but
+//!   only while `write + n - read <= capacity`; otherwise it adds one to
+//!   `dropped` and returns.
+//! - It fills the extension slots, then the head (relaxed atomic stores), and
+//!   publishes the record by storing `seq + 1` into the head's stamp (release).
+//! - The consumer reads the record at `read` when the head's stamp equals
+//!   `read + 1` (acquire), copies it, and stores `read + n` into the read
+//!   counter (release), which hands the slots back to producers.
 //!
 //! A producer that dies between reserving and publishing stalls the consumer at
 //! that slot (the producers then count drops); the producers live in one QEMU
@@ -45,13 +55,17 @@ use crate::syscalls::Filter;
 /// First 8 bytes of every ring file.
 pub const MAGIC: [u8; 8] = *b"VMWRING\0";
 /// Bumped on any layout or protocol change.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// Bytes per record slot.
 pub const RECORD_SIZE: usize = 128;
 /// Bytes before the first slot.
 pub const HEADER_SIZE: usize = 4096;
 /// Largest accepted capacity (records): 2^24 x 128 B = 2 GiB.
 pub const MAX_CAPACITY: u64 = 1 << 24;
+/// Payload bytes per extension slot.
+pub const SLOT_PAYLOAD: usize = RECORD_SIZE - 8;
+/// Most slots one record takes.
+pub const MAX_SLOTS: u64 = 1 + crate::payload::MAX_PAYLOAD.div_ceil(SLOT_PAYLOAD) as u64;
 
 const WORDS: usize = RECORD_SIZE / 8;
 
@@ -71,9 +85,11 @@ struct Header {
     _pad2: [u8; 56],
     dropped: AtomicU64,
     unpaired: AtomicU64,
-    _pad3: [u8; 48],
+    records: AtomicU64,
+    _pad3: [u8; 40],
     filter_gen: AtomicU64,
     filter: [AtomicU64; 8],
+    fds: [AtomicU64; 8],
 }
 
 const _: () = {
@@ -81,7 +97,9 @@ const _: () = {
     assert!(std::mem::offset_of!(Header, read) == 192);
     assert!(std::mem::offset_of!(Header, dropped) == 256);
     assert!(std::mem::offset_of!(Header, unpaired) == 264);
+    assert!(std::mem::offset_of!(Header, records) == 272);
     assert!(std::mem::offset_of!(Header, filter_gen) == 320);
+    assert!(std::mem::offset_of!(Header, fds) == 392);
     assert!(std::mem::size_of::<Header>() <= HEADER_SIZE);
 };
 
@@ -163,13 +181,14 @@ pub struct RingWriter {
 
 impl RingWriter {
     /// Creates (or replaces) the ring file at `path` with room for `capacity`
-    /// records, the VM's name and the initial filter. The file appears at `path`
-    /// only once fully initialised (written beside it, then renamed).
+    /// slots, the VM's name, the initial filter and fd filter. The file
+    /// appears at `path` only once fully initialised (written beside it, then renamed).
     pub fn create(
         path: &Path,
         capacity: u64,
         vm_name: &str,
         filter: &Filter,
+        fds: &Filter,
     ) -> Result<RingWriter, RingError> {
         if !(2..=MAX_CAPACITY).contains(&capacity) || !capacity.is_power_of_two() {
             return Err(RingError::Capacity(capacity));
@@ -210,7 +229,11 @@ impl RingWriter {
             }
         }
         let w = RingWriter { m };
-        for (word, value) in w.m.header().filter.iter().zip(filter.words) {
+        let h = w.m.header();
+        for (word, value) in h.filter.iter().zip(filter.words) {
+            word.store(value, Ordering::Relaxed);
+        }
+        for (word, value) in h.fds.iter().zip(fds.words) {
             word.store(value, Ordering::Relaxed);
         }
         std::sync::atomic::fence(Ordering::Release);
@@ -221,37 +244,62 @@ impl RingWriter {
     /// Whether syscall `nr` is in the current filter: one relaxed load.
     #[inline]
     pub fn wants(&self, nr: u64) -> bool {
-        if nr >= 512 {
-            return false;
-        }
-        self.m.header().filter[(nr / 64) as usize].load(Ordering::Relaxed) & (1 << (nr % 64)) != 0
+        bit(&self.m.header().filter, nr)
     }
 
-    /// Appends `rec` (its `seq` is ignored) and returns the seq it got, or
-    /// `None` if the ring was full (counted in `dropped`). Never blocks.
+    /// Whether the fds of syscall `nr` should be resolved to file identities.
+    #[inline]
+    pub fn wants_fds(&self, nr: u64) -> bool {
+        bit(&self.m.header().fds, nr)
+    }
+
+    /// Appends `rec` with its payload (its `seq` is ignored) and returns the
+    /// seq it got, or `None` if the ring was full (counted in `dropped`).
+    /// Never blocks.
     pub fn push(&self, rec: &Record) -> Option<u64> {
+        self.push_parts(rec, &rec.payload)
+    }
+
+    /// [`RingWriter::push`] with the payload given separately (so a producer
+    /// can keep it in a reusable buffer; `rec.payload` is ignored).
+    pub fn push_parts(&self, rec: &Record, payload: &[u8]) -> Option<u64> {
         let h = self.m.header();
+        let payload = &payload[..payload.len().min(crate::payload::MAX_PAYLOAD)];
+        let n = 1 + payload.len().div_ceil(SLOT_PAYLOAD) as u64;
         let mut w = h.write.load(Ordering::Relaxed);
         loop {
             let r = h.read.load(Ordering::Acquire);
-            if w.wrapping_sub(r) >= self.m.capacity {
+            if w.wrapping_sub(r).wrapping_add(n) > self.m.capacity {
                 h.dropped.fetch_add(1, Ordering::Relaxed);
                 return None;
             }
             match h
                 .write
-                .compare_exchange_weak(w, w + 1, Ordering::Relaxed, Ordering::Relaxed)
+                .compare_exchange_weak(w, w + n, Ordering::Relaxed, Ordering::Relaxed)
             {
                 Ok(_) => break,
                 Err(now) => w = now,
             }
         }
+        for (i, chunk) in payload.chunks(SLOT_PAYLOAD).enumerate() {
+            let pos = w + 1 + i as u64;
+            let slot = self.m.slot(pos);
+            let mut bytes = [0u8; SLOT_PAYLOAD];
+            bytes[..chunk.len()].copy_from_slice(chunk);
+            for (dst, src) in slot.words[1..].iter().zip(bytes.chunks_exact(8)) {
+                let mut word = [0u8; 8];
+                word.copy_from_slice(src);
+                dst.store(u64::from_le_bytes(word), Ordering::Relaxed);
+            }
+            slot.words[0].store(pos + 1, Ordering::Relaxed);
+        }
         let slot = self.m.slot(w);
-        let words = encode(w, rec);
+        let words = encode(w, rec, n as u8, payload.len() as u16);
         for (dst, src) in slot.words[1..].iter().zip(&words[1..]) {
             dst.store(*src, Ordering::Relaxed);
         }
         slot.words[0].store(w + 1, Ordering::Release);
+        h.records.fetch_add(1, Ordering::Relaxed);
         Some(w)
     }
 
@@ -260,9 +308,9 @@ impl RingWriter {
         self.m.header().unpaired.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Records published or reserved so far.
+    /// Records published so far.
     pub fn written(&self) -> u64 {
-        self.m.header().write.load(Ordering::Relaxed)
+        self.m.header().records.load(Ordering::Relaxed)
     }
 
     /// Records lost because the ring was full.
@@ -271,11 +319,20 @@ impl RingWriter {
     }
 }
 
-fn encode(seq: u64, r: &Record) -> [u64; WORDS] {
+#[inline]
+fn bit(words: &[AtomicU64; 8], nr: u64) -> bool {
+    nr < 512 && words[(nr / 64) as usize].load(Ordering::Relaxed) & (1 << (nr % 64)) != 0
+}
+
+fn encode(seq: u64, r: &Record, slots: u8, payload_len: u16) -> [u64; WORDS] {
     [
         seq + 1,
         r.time_ns,
-        u64::from(r.vcpu) | (u64::from(r.kind.to_raw()) << 32),
+        u64::from(r.vcpu as u16)
+            | (u64::from(r.kind.to_raw()) << 16)
+            | (u64::from(slots) << 24)
+            | (u64::from(payload_len) << 32)
+            | (u64::from(r.flags) << 48),
         r.nr,
         r.args[0],
         r.args[1],
@@ -286,26 +343,41 @@ fn encode(seq: u64, r: &Record) -> [u64; WORDS] {
         r.ret as u64,
         r.cr3,
         r.rip,
-        r.task_key,
+        r.task,
         r.entry_seq,
-        0,
+        u64::from(r.pid) | (u64::from(r.tgid) << 32),
     ]
 }
 
-fn decode(seq: u64, w: &[u64; WORDS]) -> Option<Record> {
-    Some(Record {
-        seq,
-        time_ns: w[1],
-        vcpu: w[2] as u32,
-        kind: Kind::from_raw((w[2] >> 32) as u32)?,
-        nr: w[3],
-        args: [w[4], w[5], w[6], w[7], w[8], w[9]],
-        ret: w[10] as i64,
-        cr3: w[11],
-        rip: w[12],
-        task_key: w[13],
-        entry_seq: w[14],
-    })
+/// The head of a record: the record without payload, its slot count and payload length.
+fn decode(seq: u64, w: &[u64; WORDS]) -> Option<(Record, u64, usize)> {
+    let packed = w[2];
+    let slots = (packed >> 24) & 0xff;
+    let payload_len = ((packed >> 32) & 0xffff) as usize;
+    if slots == 0 || slots > MAX_SLOTS || payload_len > (slots as usize - 1) * SLOT_PAYLOAD {
+        return None;
+    }
+    Some((
+        Record {
+            seq,
+            time_ns: w[1],
+            vcpu: (packed & 0xffff) as u32,
+            kind: Kind::from_raw((packed >> 16) as u8)?,
+            nr: w[3],
+            args: [w[4], w[5], w[6], w[7], w[8], w[9]],
+            ret: w[10] as i64,
+            cr3: w[11],
+            rip: w[12],
+            task: w[13],
+            entry_seq: w[14],
+            pid: w[15] as u32,
+            tgid: (w[15] >> 32) as u32,
+            flags: (packed >> 48) as u16,
+            payload: Vec::new(),
+        },
+        slots,
+        payload_len,
+    ))
 }
 
 /// Opening a ring for reading.
@@ -431,7 +503,7 @@ impl RingReader {
         self.m.header().unpaired.load(Ordering::Relaxed)
     }
 
-    /// Records reserved by producers but not read yet.
+    /// Slots reserved by producers but not read yet.
     pub fn backlog(&self) -> u64 {
         let h = self.m.header();
         h.write
@@ -439,7 +511,7 @@ impl RingReader {
             .wrapping_sub(h.read.load(Ordering::Relaxed))
     }
 
-    /// Capacity in records.
+    /// Capacity in slots (a record takes 1 + payload/120 slots).
     pub fn capacity(&self) -> u64 {
         self.m.capacity
     }
@@ -475,6 +547,29 @@ impl RingReader {
         h.filter_gen.fetch_add(1, Ordering::Release) + 1
     }
 
+    /// The syscalls whose fds the plugin resolves to file identities now.
+    pub fn fds(&self) -> Filter {
+        let mut f = Filter::NONE;
+        for (dst, src) in f.words.iter_mut().zip(&self.m.header().fds) {
+            *dst = src.load(Ordering::Relaxed);
+        }
+        f
+    }
+
+    /// Replaces the fd filter at run time; returns the new generation.
+    pub fn set_fds(&self, fds: &Filter) -> u64 {
+        let h = self.m.header();
+        for (word, value) in h.fds.iter().zip(fds.words) {
+            word.store(value, Ordering::Relaxed);
+        }
+        h.filter_gen.fetch_add(1, Ordering::Release) + 1
+    }
+
+    /// Records the producers published in all.
+    pub fn records(&self) -> u64 {
+        self.m.header().records.load(Ordering::Relaxed)
+    }
+
     /// How many times the filter was changed through the control area.
     pub fn filter_generation(&self) -> u64 {
         self.m.header().filter_gen.load(Ordering::Acquire)
@@ -508,12 +603,32 @@ impl Iterator for Drain<'_> {
             for (dst, src) in words.iter_mut().zip(&slot.words).skip(1) {
                 *dst = src.load(Ordering::Relaxed);
             }
-            h.read.store(seq + 1, Ordering::Release);
-            self.left -= 1;
-            match decode(seq, &words) {
-                Some(rec) => return Some(rec),
-                None => self.reader.corrupt += 1,
+            let decoded = decode(seq, &words).filter(|(_, n, _)| *n <= m.capacity);
+            let Some((mut rec, n, payload_len)) = decoded else {
+                // Not written by a compatible producer: skip one slot.
+                h.read.store(seq + 1, Ordering::Release);
+                self.left -= 1;
+                self.reader.corrupt += 1;
+                continue;
+            };
+            let mut payload = Vec::with_capacity(payload_len);
+            let mut whole = true;
+            for i in 1..n {
+                let ext = m.slot(seq + i);
+                whole &= ext.words[0].load(Ordering::Relaxed) == seq + i + 1;
+                for word in &ext.words[1..] {
+                    payload.extend_from_slice(&word.load(Ordering::Relaxed).to_le_bytes());
+                }
             }
+            payload.truncate(payload_len);
+            h.read.store(seq + n, Ordering::Release);
+            self.left = self.left.saturating_sub(n);
+            if !whole {
+                self.reader.corrupt += 1;
+                continue;
+            }
+            rec.payload = payload;
+            return Some(rec);
         }
         None
     }
@@ -531,20 +646,29 @@ mod tests {
     }
 
     fn entry(vcpu: u32, nr: u64, arg0: u64) -> Record {
-        Record::entry(vcpu, nr, [arg0, 2, 3, 4, 5, 6], 0x1000, 0x401000, 0x7f00)
+        Record::entry(vcpu, nr, [arg0, 2, 3, 4, 5, 6], 0x1000, 0x401000)
     }
 
     #[test]
     fn round_trip_and_header() {
         let p = tmp("rt");
-        let w = RingWriter::create(&p, 8, "vm-a", &Filter::parse("openat").unwrap()).unwrap();
+        let w = RingWriter::create(
+            &p,
+            8,
+            "vm-a",
+            &Filter::parse("openat").unwrap(),
+            &Filter::parse("read").unwrap(),
+        )
+        .unwrap();
         assert!(w.wants(257) && !w.wants(0) && !w.wants(10_000));
         let mut r = Ring::open(&p).unwrap();
         assert_eq!(r.vm_name(), "vm-a");
         assert_eq!(r.capacity(), 8);
         assert_eq!(r.writer_pid(), u64::from(std::process::id()));
         assert_eq!(w.push(&entry(1, 257, 9)), Some(0));
-        let ret = Record::ret(0, 257, -2, 0x1000, 0xffff_ffff_8100_0000, 0x7f00, 0);
+        assert!(w.wants_fds(0) && !w.wants_fds(257));
+        let mut ret = Record::ret(0, 257, -2, 0x1000, 0xffff_ffff_8100_0000, 0);
+        (ret.pid, ret.tgid, ret.task, ret.flags) = (77, 76, 0xffff_8880_0000_1000, 1);
         assert_eq!(w.push(&ret), Some(1));
         let got: Vec<_> = r.poll().collect();
         assert_eq!(got.len(), 2);
@@ -555,11 +679,19 @@ mod tests {
         assert_eq!(got[1].kind, Kind::Return);
         assert_eq!(got[1].ret, -2);
         assert_eq!(got[1].entry_seq, 0);
+        assert_eq!(
+            (got[1].pid, got[1].tgid, got[1].task, got[1].flags),
+            (77, 76, 0xffff_8880_0000_1000, 1)
+        );
+        assert_eq!(r.records(), 2);
         assert_eq!(r.poll().count(), 0);
         // Runtime filter change through the control area.
         assert_eq!(r.set_filter(&Filter::parse("read").unwrap()), 1);
         assert!(w.wants(0) && !w.wants(257));
         assert_eq!(r.filter(), Filter::parse("read").unwrap());
+        assert_eq!(r.set_fds(&Filter::parse("write").unwrap()), 2);
+        assert!(w.wants_fds(1) && !w.wants_fds(0));
+        assert_eq!(r.fds(), Filter::parse("write").unwrap());
         // Only one reader.
         assert!(matches!(Ring::open(&p), Err(RingError::Busy { .. })));
     }
@@ -567,7 +699,7 @@ mod tests {
     #[test]
     fn overflow_counts_drops_and_never_blocks() {
         let p = tmp("ovf");
-        let w = RingWriter::create(&p, 4, "vm", &Filter::ALL).unwrap();
+        let w = RingWriter::create(&p, 4, "vm", &Filter::ALL, &Filter::NONE).unwrap();
         let mut r = Ring::open(&p).unwrap();
         let pushed: Vec<_> = (0..10).map(|i| w.push(&entry(0, 39, i))).collect();
         assert_eq!(pushed.iter().filter(|s| s.is_some()).count(), 4);
@@ -586,7 +718,7 @@ mod tests {
     #[test]
     fn concurrent_producers_lose_nothing_they_did_not_count() {
         let p = tmp("mp");
-        let w = Arc::new(RingWriter::create(&p, 256, "vm", &Filter::ALL).unwrap());
+        let w = Arc::new(RingWriter::create(&p, 256, "vm", &Filter::ALL, &Filter::NONE).unwrap());
         let mut r = Ring::open(&p).unwrap();
         const THREADS: u32 = 4;
         const PER: u64 = 50_000;
@@ -628,6 +760,34 @@ mod tests {
     }
 
     #[test]
+    fn payloads_span_slots_and_wrap() {
+        let p = tmp("payload");
+        let w = RingWriter::create(&p, 16, "vm", &Filter::ALL, &Filter::NONE).unwrap();
+        let mut r = Ring::open(&p).unwrap();
+        let mut expect_seq = 0;
+        for round in 0..20u64 {
+            // 0..=600 bytes: 1 to 6 slots, so records wrap around the 16-slot ring.
+            let len = (round * 97 % 601) as usize;
+            let mut rec = entry(0, 257, round);
+            rec.payload = (0..len).map(|i| (i as u64 * 7 + round) as u8).collect();
+            let seq = w.push(&rec).unwrap();
+            assert_eq!(seq, expect_seq);
+            expect_seq += 1 + len.div_ceil(SLOT_PAYLOAD) as u64;
+            let got: Vec<_> = r.poll().collect();
+            assert_eq!(got.len(), 1);
+            assert_eq!(got[0].payload, rec.payload, "round {round}");
+            assert_eq!(got[0].args[0], round);
+        }
+        // A record larger than the ring is dropped and counted, never written.
+        let mut big = entry(0, 1, 0);
+        big.payload = vec![1; 16 * SLOT_PAYLOAD];
+        assert_eq!(w.push(&big), None);
+        assert_eq!(r.dropped(), 1);
+        assert_eq!(r.poll().count(), 0);
+        assert_eq!(r.corrupt(), 0);
+    }
+
+    #[test]
     fn open_rejects_bad_files_with_one_line() {
         let p = tmp("bad");
         std::fs::write(&p, b"hello").unwrap();
@@ -635,7 +795,7 @@ mod tests {
         assert!(e.contains("not a vmwatch event ring"), "{e}");
         assert!(!e.contains('\n'));
 
-        let w = RingWriter::create(&p, 4, "vm", &Filter::ALL).unwrap();
+        let w = RingWriter::create(&p, 4, "vm", &Filter::ALL, &Filter::NONE).unwrap();
         drop(w);
         let mut bytes = std::fs::read(&p).unwrap();
         bytes[8] = 99;
@@ -643,9 +803,9 @@ mod tests {
         let e = Ring::open(&p).err().unwrap().to_string();
         assert_eq!(
             e,
-            format!("ring {} has format version 99, this build reads version 1: rebuild the plugin and vmwatch together", p.display())
+            format!("ring {} has format version 99, this build reads version 2: rebuild the plugin and vmwatch together", p.display())
         );
-        bytes[8] = 1;
+        bytes[8] = 2;
         bytes[16] = 3; // capacity 3
         std::fs::write(&p, &bytes).unwrap();
         assert!(Ring::open(&p)
@@ -658,7 +818,7 @@ mod tests {
         assert!(Ring::open(&p).err().unwrap().to_string().contains("needs"));
         let e = Ring::open(&tmp("missing")).err().unwrap().to_string();
         assert!(e.contains("No such file"), "{e}");
-        assert!(RingWriter::create(&p, 3, "vm", &Filter::ALL).is_err());
+        assert!(RingWriter::create(&p, 3, "vm", &Filter::ALL, &Filter::NONE).is_err());
     }
 
     proptest::proptest! {
@@ -668,7 +828,7 @@ mod tests {
         #[test]
         fn pushes_and_polls_account_exactly(ops in proptest::collection::vec(0u8..4, 1..300), cap_log in 1u32..5) {
             let p = tmp(&format!("prop{cap_log}"));
-            let w = RingWriter::create(&p, 1 << cap_log, "vm", &Filter::ALL).unwrap();
+            let w = RingWriter::create(&p, 1 << cap_log, "vm", &Filter::ALL, &Filter::NONE).unwrap();
             let mut r = Ring::open(&p).unwrap();
             let mut accepted = Vec::new();
             let mut read = Vec::new();

@@ -1,5 +1,9 @@
 //! Plugin arguments: `ring=PATH` (required), `vm=NAME`, `filter=SPEC`,
-//! `capacity=N`. Each problem is one line; QEMU then refuses to start.
+//! `fds=SPEC` (syscalls whose fd arguments and results are resolved to file
+//! identities), `capacity=N`, and for naming the guest task of each event
+//! `ram=PATH` (the guest RAM file), `ram_below_4g=BYTES` (QEMU's split below
+//! the PCI hole) and `vmlinux=PATH` (symbols and BTF). Each problem is one
+//! line; QEMU then refuses to start.
 
 use std::path::PathBuf;
 
@@ -13,15 +17,39 @@ pub struct Config {
     pub filter: Filter,
     /// Ring capacity in records.
     pub capacity: u64,
+    /// Syscalls whose fds are resolved to file identities.
+    pub fds: Filter,
+    /// How to read the guest kernel, when given.
+    pub guest: Option<GuestConfig>,
 }
 
-const USAGE: &str = "expected ring=PATH, vm=NAME, filter=all|none|NAME:NAME..., capacity=N";
+/// Where the guest's RAM and kernel image are (all three or none).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestConfig {
+    pub ram: PathBuf,
+    pub ram_below_4g: u64,
+    pub vmlinux: PathBuf,
+}
+
+const USAGE: &str = "expected ring=PATH, vm=NAME, filter=all|none|NAME:NAME..., fds=SPEC, \
+                     capacity=N, ram=PATH, ram_below_4g=BYTES, vmlinux=PATH";
+
+fn parse_u64(s: &str) -> Option<u64> {
+    match s.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => s.parse().ok(),
+    }
+}
 
 pub fn parse(argv: &[String]) -> Result<Config, String> {
     let mut ring = None;
     let mut vm = None;
     let mut filter = None;
     let mut capacity = None;
+    let mut fds = None;
+    let mut ram = None;
+    let mut ram_below_4g = None;
+    let mut vmlinux = None;
     for arg in argv {
         let Some((key, value)) = arg.split_once('=') else {
             return Err(format!("argument `{arg}` is not key=value ({USAGE})"));
@@ -49,6 +77,22 @@ pub fn parse(argv: &[String]) -> Result<Config, String> {
             "filter" => filter
                 .replace(Filter::parse(value).map_err(|e| e.to_string())?)
                 .is_some(),
+            "fds" => fds
+                .replace(Filter::parse(value).map_err(|e| format!("fds=: {e}"))?)
+                .is_some(),
+            "ram" | "vmlinux" => {
+                if value.is_empty() {
+                    return Err(format!("{key}= needs a file path"));
+                }
+                let slot = if key == "ram" { &mut ram } else { &mut vmlinux };
+                slot.replace(PathBuf::from(value)).is_some()
+            }
+            "ram_below_4g" => {
+                let n = parse_u64(value).ok_or_else(|| {
+                    format!("ram_below_4g `{value}` is not a byte count (decimal or 0x hex)")
+                })?;
+                ram_below_4g.replace(n).is_some()
+            }
             "capacity" => {
                 let n: u64 = value
                     .parse()
@@ -76,11 +120,26 @@ pub fn parse(argv: &[String]) -> Result<Config, String> {
             return Err(format!("argument `{key}` given twice"));
         }
     }
+    let guest = match (ram, ram_below_4g, vmlinux) {
+        (None, None, None) => None,
+        (Some(ram), Some(ram_below_4g), Some(vmlinux)) => Some(GuestConfig {
+            ram,
+            ram_below_4g,
+            vmlinux,
+        }),
+        _ => {
+            return Err(
+                "ram=, ram_below_4g= and vmlinux= go together (all three or none)".to_string(),
+            )
+        }
+    };
     Ok(Config {
         ring: ring.ok_or_else(|| format!("missing ring=PATH ({USAGE})"))?,
         vm: vm.unwrap_or_default(),
         filter: filter.unwrap_or(Filter::ALL),
         capacity: capacity.unwrap_or(1 << 16),
+        fds: fds.unwrap_or(Filter::NONE),
+        guest,
     })
 }
 
@@ -105,6 +164,17 @@ mod tests {
         assert_eq!(c.vm, "web-1");
         assert!(c.filter.contains(257) && c.filter.contains(39) && !c.filter.contains(0));
         assert_eq!(c.capacity, 1024);
+        let c = p(&[
+            "ring=/r",
+            "ram=/m",
+            "ram_below_4g=0x80000000",
+            "vmlinux=/k",
+            "fds=read",
+        ])
+        .unwrap();
+        let g = c.guest.unwrap();
+        assert_eq!((g.ram_below_4g, g.vmlinux), (1 << 31, PathBuf::from("/k")));
+        assert!(c.fds.contains(0) && !c.fds.contains(1));
         let c = p(&["ring=/r"]).unwrap();
         assert_eq!(
             (c.filter, c.capacity, c.vm.as_str()),
@@ -128,6 +198,9 @@ mod tests {
             (&["ring=/r", "vm=a b"], "vm name"),
             (&["ring=/r", "ring=/s"], "given twice"),
             (&["ring="], "needs a file path"),
+            (&["ring=/r", "ram=/m"], "go together"),
+            (&["ring=/r", "ram_below_4g=lots"], "not a byte count"),
+            (&["ring=/r", "fds=reed"], "fds=: unknown syscall `reed`"),
         ];
         for (args, want) in cases {
             let e = p(args).unwrap_err();

@@ -39,12 +39,16 @@
 
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
 use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
-use events::{Record, RingWriter};
+use events::capture::{AtEntry, AtReturn};
+use events::payload::{PayloadBuf, RESULT};
+use events::{Record, RingWriter, FLAG_PAYLOAD_CUT, FLAG_TASK};
 use qemu_plugin_sys as sys;
+use vmi::linux::LinuxGuest;
 
 mod args;
+mod guest;
 mod pairing;
 
 /// The plugin API version this plugin is built for (QEMU checks it).
@@ -78,6 +82,8 @@ struct Regs {
     cr3: usize,
     fs_base: usize,
     gs_base: usize,
+    /// The kernel's per-cpu base while in user mode (absent in old QEMUs).
+    k_gs_base: Option<usize>,
 }
 
 struct Plugin {
@@ -86,9 +92,15 @@ struct Plugin {
     regs: OnceLock<Regs>,
     /// One GByteArray per vCPU, used only on that vCPU's thread.
     bufs: Box<[AtomicPtr<sys::GByteArray>]>,
+    /// Per-vCPU scratch for events in the filter (allocated on first use).
+    scratch: Box<[Mutex<Option<Box<Scratch>>>]>,
     pending: pairing::Table,
+    /// Where to read the guest kernel from, when configured.
+    guest: Option<guest::GuestSource>,
     /// Callbacks that returned early because of a missing register or buffer.
     skipped: AtomicU64,
+    /// Events whose thread could not be read from guest RAM.
+    unnamed: AtomicU64,
 }
 
 static PLUGIN: OnceLock<Plugin> = OnceLock::new();
@@ -140,7 +152,12 @@ fn install(
     // SAFETY: `system` is the union's only member, valid when system_emulation is set.
     let max_vcpus = unsafe { info.__bindgen_anon_1.system.max_vcpus }.clamp(1, 4096) as usize;
     let cfg = args::parse(argv)?;
-    let ring = RingWriter::create(&cfg.ring, cfg.capacity, &cfg.vm, &cfg.filter)
+    let guest = cfg
+        .guest
+        .as_ref()
+        .map(guest::GuestSource::open)
+        .transpose()?;
+    let ring = RingWriter::create(&cfg.ring, cfg.capacity, &cfg.vm, &cfg.filter, &cfg.fds)
         .map_err(|e| e.to_string())?;
     let plugin = Plugin {
         ring,
@@ -149,8 +166,11 @@ fn install(
         bufs: (0..max_vcpus)
             .map(|_| AtomicPtr::new(std::ptr::null_mut()))
             .collect(),
+        scratch: (0..max_vcpus).map(|_| Mutex::new(None)).collect(),
         pending: pairing::Table::default(),
+        guest,
         skipped: AtomicU64::new(0),
+        unnamed: AtomicU64::new(0),
     };
     if PLUGIN.set(plugin).is_err() {
         return Err("loaded twice in one QEMU".to_string());
@@ -204,6 +224,7 @@ unsafe extern "C" fn vcpu_init(_id: sys::qemu_plugin_id_t, vcpu: c_uint) {
                     cr3: find("cr3")?,
                     fs_base: find("fs_base")?,
                     gs_base: find("gs_base")?,
+                    k_gs_base: find("k_gs_base"),
                 })
             })();
             // SAFETY: `arr` came from qemu_plugin_get_registers and is freed once.
@@ -282,23 +303,304 @@ unsafe fn read(buf: *mut sys::GByteArray, handle: usize) -> u64 {
     }
 }
 
-/// Reads `len` (<= 24) bytes of guest virtual memory of the current vCPU as
-/// little-endian words.
+/// Reads guest virtual memory of the current vCPU (its current CR3) into
+/// `out`; false if any byte is not mapped.
 ///
 /// # Safety
 /// Only from a vCPU callback, on the vCPU thread that owns `buf`.
-unsafe fn read_guest(buf: *mut sys::GByteArray, vaddr: u64, len: usize) -> Option<[u64; 3]> {
-    let len = len.min(24);
+unsafe fn read_mem(buf: *mut sys::GByteArray, vaddr: u64, out: &mut [u8]) -> bool {
+    if out.is_empty() {
+        return true;
+    }
     // SAFETY: per this function's contract; QEMU resizes our heap GByteArray
-    // (not a stack one: see the design notes on the crate's safe wrapper).
+    // and we copy no more than it holds.
     unsafe {
-        if !sys::qemu_plugin_read_memory_vaddr(vaddr, buf, len) || ((*buf).len as usize) < len {
-            return None;
+        if !sys::qemu_plugin_read_memory_vaddr(vaddr, buf, out.len())
+            || ((*buf).len as usize) < out.len()
+        {
+            return false;
         }
-        let mut b = [0u8; 24];
-        std::ptr::copy_nonoverlapping((*buf).data, b.as_mut_ptr(), len);
-        let w = |i: usize| u64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
-        Some([w(0), w(1), w(2)])
+        std::ptr::copy_nonoverlapping((*buf).data, out.as_mut_ptr(), out.len());
+    }
+    true
+}
+
+/// # Safety
+/// As [`read_mem`].
+unsafe fn read_u64(buf: *mut sys::GByteArray, vaddr: u64) -> Option<u64> {
+    let mut b = [0u8; 8];
+    // SAFETY: per this function's contract.
+    unsafe { read_mem(buf, vaddr, &mut b) }.then(|| u64::from_le_bytes(b))
+}
+
+/// Reads the NUL-terminated string at `vaddr` into `out`, a page piece at a
+/// time (so a string ending before an unmapped page is still read). Returns
+/// (length without NUL, cut: longer than `out` or unreadable part way), or
+/// `None` if its first byte cannot be read.
+///
+/// # Safety
+/// As [`read_mem`].
+unsafe fn read_cstr(
+    buf: *mut sys::GByteArray,
+    vaddr: u64,
+    out: &mut [u8],
+) -> Option<(usize, bool)> {
+    let mut n = 0;
+    while n < out.len() {
+        let addr = vaddr.wrapping_add(n as u64);
+        let page_left = 4096 - (addr & 4095) as usize;
+        let chunk = page_left.min(256).min(out.len() - n);
+        // SAFETY: per this function's contract.
+        if !unsafe { read_mem(buf, addr, &mut out[n..n + chunk]) } {
+            return (n > 0).then_some((n, true));
+        }
+        if let Some(z) = out[n..n + chunk].iter().position(|&b| b == 0) {
+            return Some((n + z, false));
+        }
+        n += chunk;
+    }
+    Some((n, true))
+}
+
+/// Most `execve` argv bytes captured, and most argv entries followed.
+const ARGV_BYTES: usize = 2048;
+const ARGV_ENTRIES: u64 = 64;
+
+/// Per-vCPU scratch state. Only the vCPU's own thread locks it (callbacks
+/// run on the vCPU thread), so the lock is never contended.
+struct Scratch {
+    payload: PayloadBuf,
+    text: [u8; events::payload::MAX_STRING],
+    /// This vCPU's view of the guest kernel (own translation cache).
+    guest: Option<LinuxGuest>,
+    /// Records since the translation cache was last dropped.
+    since_flush: u32,
+}
+
+/// How often a vCPU drops its kernel translation cache: direct-map
+/// translations never change, but vmalloc'd fd tables can move.
+const FLUSH_EVERY: u32 = 64;
+
+/// The thread on this vCPU: `(task_struct, ids)` from `k_gs_base` and the
+/// per-cpu `current_task`, if the plugin reads the guest kernel.
+///
+/// # Safety
+/// Only from a callback registered with R_REGS, on `vcpu`'s thread owning `buf`.
+unsafe fn thread(
+    p: &Plugin,
+    s: &mut Scratch,
+    r: &Regs,
+    buf: *mut sys::GByteArray,
+) -> Option<(u64, vmi::linux::ThreadIds)> {
+    let source = p.guest.as_ref()?;
+    // SAFETY: per this function's contract.
+    let percpu = unsafe { read(buf, r.k_gs_base?) };
+    if percpu < USER_TOP {
+        return None;
+    }
+    if s.guest.is_none() {
+        s.guest = source.view();
+    }
+    let g = s.guest.as_ref()?;
+    s.since_flush += 1;
+    if s.since_flush >= FLUSH_EVERY {
+        g.refresh();
+        s.since_flush = 0;
+    }
+    let found = guest::current_thread(g, percpu);
+    if found.is_none() {
+        p.unnamed.fetch_add(1, Ordering::Relaxed);
+    }
+    found
+}
+
+fn name_thread(rec: &mut Record, th: Option<(u64, vmi::linux::ThreadIds)>) {
+    if let Some((task, ids)) = th {
+        rec.task = task;
+        rec.pid = ids.pid;
+        rec.tgid = ids.tgid;
+        rec.flags |= FLAG_TASK;
+    }
+}
+
+fn push_file(s: &mut Scratch, arg: u8, task: Option<u64>, fd: i64) {
+    let (Some(task), Some(g)) = (task, s.guest.as_ref()) else {
+        return;
+    };
+    if fd < 0 {
+        return;
+    }
+    if let Some(f) = guest::fd_identity(g, task, fd as u64) {
+        s.payload
+            .file(arg, f.dev, f.ino, guest::kind(f.kind), f.path.as_bytes());
+    }
+}
+
+/// The entry captures of `nr` into `s.payload`.
+///
+/// # Safety
+/// As [`read_mem`].
+unsafe fn capture_entry(
+    p: &Plugin,
+    s: &mut Scratch,
+    buf: *mut sys::GByteArray,
+    nr: u64,
+    args: &[u64; 6],
+    task: Option<u64>,
+) {
+    for c in events::capture::at_entry(nr) {
+        // SAFETY (all reads below): per this function's contract.
+        match *c {
+            AtEntry::Path(a) => {
+                let ptr = args[a as usize];
+                if ptr == 0 {
+                    continue;
+                }
+                match unsafe { read_cstr(buf, ptr, &mut s.text) } {
+                    Some((n, cut)) => {
+                        let text = &s.text[..n];
+                        s.payload.string(a, |b| {
+                            let n = n.min(b.len());
+                            b[..n].copy_from_slice(&text[..n]);
+                            (n, cut || n < text.len())
+                        });
+                    }
+                    None => s.payload.unreadable(a),
+                }
+            }
+            AtEntry::Argv(a) => {
+                let array = args[a as usize];
+                if array == 0 {
+                    continue;
+                }
+                let mut len = 0;
+                let mut cut = false;
+                for i in 0..ARGV_ENTRIES {
+                    let Some(ptr) = (unsafe { read_u64(buf, array.wrapping_add(i * 8)) }) else {
+                        cut = true;
+                        break;
+                    };
+                    if ptr == 0 {
+                        break;
+                    }
+                    if i == ARGV_ENTRIES - 1 || len + 1 >= ARGV_BYTES {
+                        cut = true;
+                        break;
+                    }
+                    let room = ARGV_BYTES - len - 1;
+                    match unsafe { read_cstr(buf, ptr, &mut s.text[len..len + room]) } {
+                        Some((n, more)) => {
+                            s.text[len + n] = 0;
+                            len += n + 1;
+                            if more {
+                                cut = true;
+                                break;
+                            }
+                        }
+                        None => {
+                            cut = true;
+                            break;
+                        }
+                    }
+                }
+                let text = &s.text[..len];
+                s.payload.argv(a, ARGV_BYTES, |b| {
+                    let n = len.min(b.len());
+                    b[..n].copy_from_slice(&text[..n]);
+                    (n, cut || n < len)
+                });
+            }
+            AtEntry::SockAddr { addr, len } => {
+                let ptr = args[addr as usize];
+                let want = args[len as usize] as u32 as usize;
+                if ptr != 0 && want > 0 {
+                    sockaddr(s, buf, addr, ptr, want);
+                }
+            }
+            AtEntry::MsgName(a) => {
+                // struct msghdr { void *msg_name; socklen_t msg_namelen; ... }
+                let hdr = args[a as usize];
+                let mut m = [0u8; 12];
+                if hdr != 0 && unsafe { read_mem(buf, hdr, &mut m) } {
+                    let name = u64::from_le_bytes(m[..8].try_into().unwrap_or_default());
+                    let len = u32::from_le_bytes(m[8..].try_into().unwrap_or_default()) as usize;
+                    if name != 0 && len > 0 {
+                        sockaddr(s, buf, a, name, len);
+                    }
+                }
+            }
+            AtEntry::Fd(a) => {
+                if p.ring.wants_fds(nr) {
+                    push_file(s, a, task, args[a as usize] as i32 as i64);
+                }
+            }
+        }
+    }
+}
+
+/// Reads a socket address of `len` bytes (at most `MAX_SOCKADDR`) at `ptr`.
+///
+/// # Safety
+/// As [`read_mem`] (callers are).
+fn sockaddr(s: &mut Scratch, buf: *mut sys::GByteArray, arg: u8, ptr: u64, len: usize) {
+    let n = len.min(events::payload::MAX_SOCKADDR);
+    let mut b = [0u8; events::payload::MAX_SOCKADDR];
+    // SAFETY: only called from the capture functions, which run in vCPU
+    // callbacks on the thread owning `buf`.
+    if unsafe { read_mem(buf, ptr, &mut b[..n]) } {
+        s.payload.sockaddr(arg, &b[..n], len > n);
+    } else {
+        s.payload.unreadable(arg);
+    }
+}
+
+/// The return captures of `nr` into `s.payload`.
+///
+/// # Safety
+/// As [`read_mem`].
+unsafe fn capture_return(
+    p: &Plugin,
+    s: &mut Scratch,
+    buf: *mut sys::GByteArray,
+    nr: u64,
+    args: &[u64; 6],
+    ret: i64,
+    task: Option<u64>,
+) {
+    if ret < 0 {
+        return;
+    }
+    for c in events::capture::at_return(nr) {
+        match *c {
+            AtReturn::SockAddrOut { addr, len_ptr } => {
+                let (ptr, lp) = (args[addr as usize], args[len_ptr as usize]);
+                if ptr == 0 || lp == 0 {
+                    continue;
+                }
+                let mut l = [0u8; 4];
+                // SAFETY: per this function's contract.
+                if unsafe { read_mem(buf, lp, &mut l) } {
+                    let len = u32::from_le_bytes(l) as usize;
+                    if len > 0 {
+                        sockaddr(s, buf, addr, ptr, len);
+                    }
+                }
+            }
+            AtReturn::FdPair(a) => {
+                let mut b = [0u8; 8];
+                // SAFETY: per this function's contract.
+                if unsafe { read_mem(buf, args[a as usize], &mut b) } {
+                    let fd =
+                        |i: usize| i32::from_le_bytes(b[i..i + 4].try_into().unwrap_or_default());
+                    s.payload.fd_pair(a, [fd(0), fd(4)]);
+                }
+            }
+            AtReturn::FdResult => {
+                if p.ring.wants_fds(nr) {
+                    push_file(s, RESULT, task, ret);
+                }
+            }
+        }
     }
 }
 
@@ -319,47 +621,82 @@ fn context(vcpu: c_uint) -> Option<(&'static Plugin, Regs, *mut sys::GByteArray)
     }
 }
 
+/// Runs `f` with this vCPU's scratch state.
+fn with_scratch<T>(p: &Plugin, vcpu: c_uint, f: impl FnOnce(&mut Scratch) -> T) -> Option<T> {
+    let mut slot = p.scratch.get(vcpu as usize)?.lock().ok()?;
+    let s = slot.get_or_insert_with(|| {
+        Box::new(Scratch {
+            payload: PayloadBuf::default(),
+            text: [0; events::payload::MAX_STRING],
+            guest: None,
+            since_flush: 0,
+        })
+    });
+    Some(f(s))
+}
+
 /// Before a user-mode `syscall`.
 unsafe extern "C" fn on_syscall(vcpu: c_uint, udata: *mut c_void) {
     let Some((p, r, buf)) = context(vcpu) else {
         return;
     };
     // SAFETY: registered with R_REGS; runs on `vcpu`'s own thread.
-    unsafe {
-        let nr = read(buf, r.rax);
-        if !p.ring.wants(nr) {
-            return;
-        }
-        let args = [
-            read(buf, r.rdi),
-            read(buf, r.rsi),
-            read(buf, r.rdx),
-            read(buf, r.r10),
-            read(buf, r.r8),
-            read(buf, r.r9),
-        ];
-        let cr3 = read(buf, r.cr3);
-        let fs_base = read(buf, r.fs_base);
-        let rsp = read(buf, r.rsp);
-        let rec = Record::entry(vcpu, nr, args, cr3, udata as u64, fs_base);
-        // arch_prctl(ARCH_SET_FS, addr) returns with the new fs_base loaded.
-        let tls = if nr == NR_ARCH_PRCTL && args[0] == ARCH_SET_FS {
-            args[1]
-        } else {
-            fs_base
-        };
-        let key = pairing::key(cr3, tls, rsp);
-        match p.ring.push(&rec) {
-            Some(seq) if nr != NR_EXIT && nr != NR_EXIT_GROUP => {
-                if !p.pending.insert(key, seq, nr) {
-                    p.ring.count_unpaired();
-                }
+    let nr = unsafe { read(buf, r.rax) };
+    if !p.ring.wants(nr) {
+        return;
+    }
+    let done = with_scratch(p, vcpu, |s| {
+        // SAFETY: as above.
+        unsafe {
+            let args = [
+                read(buf, r.rdi),
+                read(buf, r.rsi),
+                read(buf, r.rdx),
+                read(buf, r.r10),
+                read(buf, r.r8),
+                read(buf, r.r9),
+            ];
+            let cr3 = read(buf, r.cr3);
+            let fs_base = read(buf, r.fs_base);
+            let rsp = read(buf, r.rsp);
+            let mut rec = Record::entry(vcpu, nr, args, cr3, udata as u64);
+            let th = thread(p, s, &r, buf);
+            name_thread(&mut rec, th);
+            s.payload.clear();
+            if let Some((_, ids)) = &th {
+                s.payload.comm(ids.comm());
             }
-            // Dropped (counted by the ring): forget any older entry of this task
-            // so its return is not paired with the wrong call.
-            None => p.pending.remove(key),
-            Some(_) => p.pending.remove(key),
+            capture_entry(p, s, buf, nr, &args, th.map(|t| t.0));
+            if s.payload.was_cut() {
+                rec.flags |= FLAG_PAYLOAD_CUT;
+            }
+            let key = match th {
+                Some((task, _)) => pairing::task_key(task),
+                None => {
+                    // arch_prctl(ARCH_SET_FS, addr) returns with the new fs_base loaded.
+                    let tls = if nr == NR_ARCH_PRCTL && args[0] == ARCH_SET_FS {
+                        args[1]
+                    } else {
+                        fs_base
+                    };
+                    pairing::key(cr3, tls, rsp)
+                }
+            };
+            match p.ring.push_parts(&rec, s.payload.as_bytes()) {
+                Some(seq) if nr != NR_EXIT && nr != NR_EXIT_GROUP => {
+                    let pending = pairing::Pending { seq, nr, args };
+                    if !p.pending.insert(key, &pending) {
+                        p.ring.count_unpaired();
+                    }
+                }
+                // Dropped (counted by the ring): forget any older entry of this task
+                // so its return is not paired with the wrong call.
+                _ => p.pending.remove(key),
+            }
         }
+    });
+    if done.is_none() {
+        p.skipped.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -387,39 +724,59 @@ unsafe fn on_return(vcpu: c_uint, udata: *mut c_void, iret: bool) {
         return;
     };
     // SAFETY: per this function's contract.
-    unsafe {
-        let user_rsp = if iret {
+    let user_rsp = unsafe {
+        if iret {
             if read(buf, r.gs_base) >= USER_TOP {
                 return; // back to the kernel: gs_base is still the kernel's per-cpu base
             }
             // The iret frame: rip, cs, rflags, rsp, ss.
             let frame = read(buf, r.rsp);
-            match read_guest(buf, frame.wrapping_add(8), 24) {
-                Some(w) if w[0] & 3 == 3 => w[2],
-                _ => return, // not to CPL 3 (or unreadable)
+            let mut f = [0u8; 24];
+            if !read_mem(buf, frame.wrapping_add(8), &mut f) || f[0] & 3 != 3 {
+                return; // not to CPL 3 (or unreadable)
             }
+            u64::from_le_bytes(f[16..24].try_into().unwrap_or_default())
         } else {
             read(buf, r.rsp)
-        };
-        let cr3 = read(buf, r.cr3);
-        let fs_base = read(buf, r.fs_base);
-        let Some((entry_seq, nr)) = p.pending.take(pairing::key(cr3, fs_base, user_rsp)) else {
-            return;
-        };
-        let ret = read(buf, r.rax) as i64;
-        let rec = Record::ret(vcpu, nr, ret, cr3, udata as u64, fs_base, entry_seq);
-        let _ = p.ring.push(&rec);
-    }
+        }
+    };
+    with_scratch(p, vcpu, |s| {
+        // SAFETY: per this function's contract.
+        unsafe {
+            let cr3 = read(buf, r.cr3);
+            let th = thread(p, s, &r, buf);
+            let pending = th
+                .and_then(|(task, _)| p.pending.take(pairing::task_key(task)))
+                .or_else(|| {
+                    let fs_base = read(buf, r.fs_base);
+                    p.pending.take(pairing::key(cr3, fs_base, user_rsp))
+                });
+            let Some(pending) = pending else {
+                return;
+            };
+            let ret = read(buf, r.rax) as i64;
+            let mut rec = Record::ret(vcpu, pending.nr, ret, cr3, udata as u64, pending.seq);
+            rec.args = pending.args;
+            name_thread(&mut rec, th);
+            s.payload.clear();
+            capture_return(p, s, buf, pending.nr, &pending.args, ret, th.map(|t| t.0));
+            if s.payload.was_cut() {
+                rec.flags |= FLAG_PAYLOAD_CUT;
+            }
+            let _ = p.ring.push_parts(&rec, s.payload.as_bytes());
+        }
+    });
 }
 
 unsafe extern "C" fn at_exit(_id: sys::qemu_plugin_id_t, _udata: *mut c_void) {
     if let Some(p) = PLUGIN.get() {
         eprintln!(
-            "hook-plugin: vm `{}`: {} records written, {} dropped (ring full), {} callbacks skipped",
+            "hook-plugin: vm `{}`: {} records written, {} dropped (ring full), {} callbacks skipped, {} events without a named thread",
             p.vm,
             p.ring.written(),
             p.ring.dropped(),
-            p.skipped.load(Ordering::Relaxed)
+            p.skipped.load(Ordering::Relaxed),
+            p.unnamed.load(Ordering::Relaxed)
         );
     }
 }

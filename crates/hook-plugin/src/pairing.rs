@@ -30,8 +30,10 @@
 //!   the new value (`addr`), which the kernel loads before returning.
 //! - The table is fixed-size (4096 buckets, 16-bucket probe window); an entry
 //!   that finds no room is counted (`unpaired` in the ring header).
-//! - The kernel task (pid) is not known here; resolving it needs `gs_base` ->
-//!   per-cpu `current_task` through the introspection core (a later slice).
+//! - When the plugin can read the guest kernel (`ram=`/`vmlinux=` given), the
+//!   key is the calling thread's `task_struct` address instead ([`task_key`]),
+//!   from the per-cpu `current_task` at both ends: exact, and it survives
+//!   `execve`. The register key above is the fallback.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -56,10 +58,24 @@ pub fn key(cr3: u64, fs_base: u64, rsp: u64) -> u64 {
     }
 }
 
+/// The key of a thread known by its kernel `task_struct` address.
+pub fn task_key(task: u64) -> u64 {
+    key(0, task, 0x5441_534b) // "TASK": never a user stack pointer value in practice
+}
+
+/// What the return needs from its entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pending {
+    pub seq: u64,
+    pub nr: u64,
+    pub args: [u64; 6],
+}
+
 struct Bucket {
     key: AtomicU64,
     seq: AtomicU64,
     nr: AtomicU64,
+    args: [AtomicU64; 6],
 }
 
 /// Lock-free table of pending entries, shared by all vCPU threads. One task
@@ -78,6 +94,7 @@ impl Default for Table {
                     key: AtomicU64::new(EMPTY),
                     seq: AtomicU64::new(0),
                     nr: AtomicU64::new(0),
+                    args: Default::default(),
                 })
                 .collect(),
             live: AtomicU64::new(0),
@@ -97,13 +114,19 @@ impl Table {
         self.live.load(Ordering::Acquire) == 0
     }
 
-    /// Remembers that the task `key` entered syscall `nr` as record `seq`,
-    /// replacing an older entry of the same key. False if there was no room.
-    pub fn insert(&self, key: u64, seq: u64, nr: u64) -> bool {
+    /// Remembers that the task `key` entered a syscall (`p`), replacing an
+    /// older entry of the same key. False if there was no room.
+    pub fn insert(&self, key: u64, p: &Pending) -> bool {
+        let fill = |b: &Bucket| {
+            b.seq.store(p.seq, Ordering::Relaxed);
+            b.nr.store(p.nr, Ordering::Relaxed);
+            for (dst, v) in b.args.iter().zip(p.args) {
+                dst.store(v, Ordering::Relaxed);
+            }
+        };
         for b in self.window(key) {
             if b.key.load(Ordering::Acquire) == key {
-                b.seq.store(seq, Ordering::Relaxed);
-                b.nr.store(nr, Ordering::Relaxed);
+                fill(b);
                 b.key.store(key, Ordering::Release);
                 return true;
             }
@@ -113,8 +136,7 @@ impl Table {
                 .compare_exchange(EMPTY, BUSY, Ordering::Acquire, Ordering::Relaxed)
                 .is_ok()
             {
-                b.seq.store(seq, Ordering::Relaxed);
-                b.nr.store(nr, Ordering::Relaxed);
+                fill(b);
                 b.key.store(key, Ordering::Release);
                 self.live.fetch_add(1, Ordering::Release);
                 return true;
@@ -128,11 +150,15 @@ impl Table {
         let _ = self.take(key);
     }
 
-    /// The pending `(seq, nr)` of task `key`, removed.
-    pub fn take(&self, key: u64) -> Option<(u64, u64)> {
+    /// The pending entry of task `key`, removed.
+    pub fn take(&self, key: u64) -> Option<Pending> {
         for b in self.window(key) {
             if b.key.load(Ordering::Acquire) == key {
-                let found = (b.seq.load(Ordering::Relaxed), b.nr.load(Ordering::Relaxed));
+                let found = Pending {
+                    seq: b.seq.load(Ordering::Relaxed),
+                    nr: b.nr.load(Ordering::Relaxed),
+                    args: std::array::from_fn(|i| b.args[i].load(Ordering::Relaxed)),
+                };
                 b.key.store(EMPTY, Ordering::Release);
                 self.live.fetch_sub(1, Ordering::Release);
                 return Some(found);
@@ -146,6 +172,21 @@ impl Table {
 mod tests {
     use super::*;
     use std::sync::Arc;
+
+    fn p(seq: u64, nr: u64) -> Pending {
+        Pending {
+            seq,
+            nr,
+            args: [seq, nr, 3, 4, 5, 6],
+        }
+    }
+
+    fn sn(x: Option<Pending>) -> Option<(u64, u64)> {
+        x.map(|p| {
+            assert_eq!(p.args[..2], [p.seq, p.nr]);
+            (p.seq, p.nr)
+        })
+    }
 
     #[test]
     fn pairs_per_task_across_interleavings() {
@@ -162,13 +203,13 @@ mod tests {
             key(0x1234_4000 | 0x1000 | 0x801, 7, 9),
             key(0x1234_4000 | 3, 7, 9)
         );
-        t.insert(a, 10, 0);
-        t.insert(b, 11, 0);
-        assert_eq!(t.take(c), None);
-        assert_eq!(t.take(b), Some((11, 0)));
-        t.insert(a, 12, 39); // a's older entry (e.g. vfork parent) is replaced
-        assert_eq!(t.take(a), Some((12, 39)));
-        assert_eq!(t.take(a), None);
+        t.insert(a, &p(10, 0));
+        t.insert(b, &p(11, 0));
+        assert_eq!(sn(t.take(c)), None);
+        assert_eq!(sn(t.take(b)), Some((11, 0)));
+        t.insert(a, &p(12, 39)); // a's older entry (e.g. vfork parent) is replaced
+        assert_eq!(sn(t.take(a)), Some((12, 39)));
+        assert_eq!(sn(t.take(a)), None);
         assert!(t.is_empty());
     }
 
@@ -180,11 +221,11 @@ mod tests {
             .map(|i| i * BUCKETS as u64)
             .collect();
         for (i, k) in keys.iter().enumerate() {
-            assert_eq!(t.insert(*k, i as u64, 0), i < PROBE);
+            assert_eq!(t.insert(*k, &p(i as u64, 0)), i < PROBE);
         }
-        assert_eq!(t.take(keys[3]), Some((3, 0)));
-        assert!(t.insert(keys[PROBE], 99, 0));
-        assert_eq!(t.take(keys[PROBE]), Some((99, 0)));
+        assert_eq!(sn(t.take(keys[3])), Some((3, 0)));
+        assert!(t.insert(keys[PROBE], &p(99, 0)));
+        assert_eq!(sn(t.take(keys[PROBE])), Some((99, 0)));
     }
 
     #[test]
@@ -196,8 +237,8 @@ mod tests {
                 std::thread::spawn(move || {
                     for i in 0..20_000u64 {
                         let k = key(th << 13, i % 64, 0x7ffc_0000);
-                        assert!(t.insert(k, i, th));
-                        assert_eq!(t.take(k), Some((i, th)));
+                        assert!(t.insert(k, &p(i, th)));
+                        assert_eq!(sn(t.take(k)), Some((i, th)));
                     }
                 })
             })

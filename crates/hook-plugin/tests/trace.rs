@@ -4,15 +4,14 @@
 //! Needs the lab images (`scripts/setup.sh`) and the plugin .so (built by
 //! `cargo build --release`; this test builds it if it is missing).
 //!
-//! It lives in hook-plugin (not in crates/vmwatch/tests) because vmwatch does
-//! not depend on `events` yet; it compiles vmwatch's `trace_cmd.rs` in through
-//! `#[path]` so the consumer is exercised too.
+//! It compiles vmwatch's `trace_cmd.rs` in through `#[path]` so the CLI's
+//! consumer is exercised too.
 
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use events::{Filter, Kind, Record, Ring, RingReader, NO_ENTRY};
+use events::{Filter, Item, Kind, Record, Ring, RingReader, NO_ENTRY};
 use lab::{UpOptions, Vm};
 
 #[allow(dead_code)]
@@ -108,13 +107,66 @@ fn run_collect(vm: &Vm, r: &mut RingReader, script: &str) -> (String, Vec<Record
 
 const N_GETPID: usize = 200;
 
-#[test]
-fn plugin_reports_known_syscalls_paired_per_task() {
-    let vm = boot("trace", Some(",filter=all"), 2);
-    let mut r = Ring::open(&vm.1).expect("ring");
+/// Boots a VM the way `vmwatch lab up` does (plugin with ram=/vmlinux=, so
+/// every event names its thread), with every syscall and fd traced.
+fn boot_lab(tag: &str, flavour: lab::Flavour, pti: lab::vm::Pti) -> (TestVm, RingReader) {
+    let name = format!("t-{tag}-{}", std::process::id());
+    let mut opts = UpOptions::new(&name);
+    opts.cpus = 2;
+    opts.flavour = flavour;
+    opts.pti = pti;
+    std::env::set_var("VMWATCH_HOOK_PLUGIN", plugin_path());
+    let vm = match Vm::up(&opts) {
+        Ok(vm) => vm,
+        Err(e) => panic!("cannot boot lab VM `{name}` ({e}); run scripts/setup.sh first"),
+    };
+    let ring = vm
+        .info()
+        .ring
+        .clone()
+        .expect("lab VMs load the hook plugin");
+    let vm = TestVm(vm, ring);
+    let r = Ring::open(&vm.1).expect("ring");
+    r.set_filter(&Filter::ALL);
+    r.set_fds(&Filter::ALL);
+    (vm, r)
+}
+
+fn comm(rec: &Record) -> Option<String> {
+    rec.items().find_map(|it| match it {
+        Item::Comm(c) => Some(String::from_utf8_lossy(c).into_owned()),
+        _ => None,
+    })
+}
+
+fn path_arg(rec: &Record, arg: u8) -> Option<String> {
+    rec.items().find_map(|it| match it {
+        Item::Str { arg: a, bytes, .. } if a == arg => {
+            Some(String::from_utf8_lossy(bytes).into_owned())
+        }
+        _ => None,
+    })
+}
+
+fn file_item(rec: &Record, arg: u8) -> Option<(u32, u64, String)> {
+    rec.items().find_map(|it| match it {
+        Item::File { arg: a, file } if a == arg => Some((
+            file.dev,
+            file.ino,
+            String::from_utf8_lossy(file.path).into_owned(),
+        )),
+        _ => None,
+    })
+}
+
+/// Entry/return pairs, per-thread identity, captured paths and file
+/// identities, checked against what the guest itself reports.
+fn plugin_events_match_the_guest(tag: &str, flavour: lab::Flavour, pti: lab::vm::Pti) {
+    let (vm, mut r) = boot_lab(tag, flavour, pti);
     assert_eq!(r.vm_name(), vm.0.info().name);
 
-    // 1. getpid N times, one open that works and one that fails, a close.
+    // 1. getpid N times, one open that works and one that fails, a close;
+    // the guest prints its pid, the fd, and stat(/etc/hostname).
     let script = format!(
         "cat > /tmp/w.py <<'EOF'\n\
          import os\n\
@@ -125,111 +177,115 @@ fn plugin_reports_known_syscalls_paired_per_task() {
          try:\n    os.open('/nonexistent-vmwatch', os.O_RDONLY)\n\
          except FileNotFoundError:\n    pass\n\
          os.close(fd)\n\
-         print(pid, fd)\n\
+         st = os.stat('/etc/hostname')\n\
+         print(pid, fd, st.st_ino, os.major(st.st_dev), os.minor(st.st_dev))\n\
          EOF\n\
          python3 /tmp/w.py",
         N_GETPID - 1
     );
     let (out, recs) = run_collect(&vm.0, &mut r, &script);
-    let mut it = out.split_whitespace().map(|s| s.parse::<i64>().unwrap());
-    let (pid, fd) = (it.next().unwrap(), it.next().unwrap());
+    let v: Vec<u64> = out.split_whitespace().map(|s| s.parse().unwrap()).collect();
+    let (pid, fd, ino, major, minor) = (v[0] as u32, v[1] as i64, v[2], v[3] as u32, v[4] as u32);
     assert_eq!(r.dropped(), 0);
 
+    // Every record names its thread, read from the guest kernel at the instruction.
+    let unnamed = recs.iter().filter(|x| !x.has_task()).count();
+    assert_eq!(unnamed, 0, "records without a thread");
     let by_seq: std::collections::HashMap<u64, &Record> = recs.iter().map(|x| (x.seq, x)).collect();
     let returns: std::collections::HashMap<u64, &Record> = recs
         .iter()
-        .filter(|x| x.kind == Kind::Return)
+        .filter(|x| x.kind == Kind::Return && x.entry_seq != NO_ENTRY)
         .map(|x| (x.entry_seq, x))
         .collect();
-    // Every return points at an entry of the same syscall and task.
+    // Every return belongs to the same thread and syscall as its entry.
     for ret in recs.iter().filter(|x| x.kind == Kind::Return) {
-        assert_ne!(ret.entry_seq, NO_ENTRY);
         if let Some(e) = by_seq.get(&ret.entry_seq) {
             assert_eq!(
-                (e.kind, e.nr, e.cr3 & !0x1fff),
-                (Kind::Entry, ret.nr, ret.cr3 & !0x1fff)
+                (e.kind, e.nr, e.pid, e.task),
+                (Kind::Entry, ret.nr, ret.pid, ret.task)
             );
             assert!(e.seq < ret.seq);
         }
     }
-    // getpid: between the getppid marker and the first openat, exactly N
-    // entries from the python process, each with a return = pid.
-    let marker = recs
+    let py: Vec<&Record> = recs.iter().filter(|x| x.tgid == pid).collect();
+    // getpid: between the getppid marker and the first openat of /etc/hostname,
+    // exactly N entries, each returning the pid the guest printed.
+    let marker = py
         .iter()
-        .filter(|x| x.kind == Kind::Entry && x.nr == 110)
-        .find(|x| {
-            recs.iter().any(|g| {
-                g.kind == Kind::Entry
-                    && g.nr == 39
-                    && g.cr3 == x.cr3
-                    && g.seq > x.seq
-                    && returns.get(&g.seq).is_some_and(|r| r.ret == pid)
-            })
-        })
-        .expect("getppid marker of the python process");
-    let py_cr3 = marker.cr3;
-    let first_open = recs
-        .iter()
-        .find(|x| x.kind == Kind::Entry && x.nr == 257 && x.cr3 == py_cr3 && x.seq > marker.seq)
-        .expect("openat after the loop")
+        .find(|x| x.kind == Kind::Entry && x.nr == 110 && comm(x).as_deref() == Some("python3"))
+        .expect("getppid marker")
         .seq;
-    let getpids: Vec<&Record> = recs
+    // (Before its execve the process was `sh`, which calls getppid too.)
+    let comms: std::collections::BTreeSet<Option<String>> = py
         .iter()
-        .filter(|x| x.kind == Kind::Entry && x.nr == 39 && x.cr3 == py_cr3)
-        .filter(|x| x.seq > marker.seq && x.seq < first_open)
+        .filter(|x| x.kind == Kind::Entry && x.seq >= marker)
+        .map(|x| comm(x))
+        .collect();
+    assert_eq!(
+        comms,
+        [Some("python3".to_string())].into(),
+        "comm after exec"
+    );
+    let opens: Vec<&Record> = py
+        .iter()
+        .filter(|x| x.kind == Kind::Entry && x.nr == 257 && x.seq > marker)
+        .copied()
+        .collect();
+    let paths: Vec<String> = opens.iter().filter_map(|x| path_arg(x, 1)).collect();
+    let first = paths
+        .iter()
+        .position(|p| p == "/etc/hostname")
+        .unwrap_or_else(|| panic!("openat(/etc/hostname) in {paths:?}"));
+    assert_eq!(
+        paths.get(first + 1).map(|s| s.as_str()),
+        Some("/nonexistent-vmwatch")
+    );
+    let open_ok = opens[first];
+    let open_bad = opens[first + 1];
+    let getpids: Vec<&Record> = py
+        .iter()
+        .filter(|x| x.kind == Kind::Entry && x.nr == 39)
+        .filter(|x| x.seq > marker && x.seq < open_ok.seq)
+        .copied()
         .collect();
     assert_eq!(getpids.len(), N_GETPID, "getpid calls of pid {pid}");
-    assert!(getpids.iter().all(|g| returns[&g.seq].ret == pid));
-    let unpaired_getpid = recs
+    assert!(getpids
         .iter()
-        .filter(|x| x.kind == Kind::Entry && x.nr == 39 && x.cr3 == py_cr3)
-        .filter(|x| !returns.contains_key(&x.seq))
-        .count();
-    assert_eq!(unpaired_getpid, 0);
-    // openat(AT_FDCWD, path, O_RDONLY|O_CLOEXEC) = fd, then one = -ENOENT, then close(fd) = 0.
-    let py: Vec<&Record> = recs.iter().filter(|x| x.cr3 == py_cr3).collect();
-    let last_getpid = getpids.last().unwrap().seq;
-    let opens: Vec<(&Record, i64)> = py
-        .iter()
-        .filter(|x| x.kind == Kind::Entry && x.nr == 257 && x.seq > last_getpid)
-        .map(|x| (*x, returns[&x.seq].ret))
-        .collect();
-    assert_eq!(opens.len(), 2, "{opens:?}");
-    assert_eq!(opens[0].0.args[0] as i32, -100);
-    assert_eq!(opens[0].0.args[2] & 3, 0); // O_RDONLY
-    assert_eq!(opens[0].1, fd);
-    assert_eq!(opens[1].1, -2);
+        .all(|g| returns[&g.seq].ret == i64::from(pid)));
+    // openat returned the fd the guest got, naming the file stat() names.
+    let ret_ok = returns[&open_ok.seq];
+    assert_eq!(ret_ok.ret, fd);
+    let (dev, file_ino, file_path) =
+        file_item(ret_ok, events::payload::RESULT).expect("file of the result");
+    assert_eq!((dev >> 20, dev & 0xfffff, file_ino), (major, minor, ino));
+    assert_eq!(file_path, "/etc/hostname");
+    assert_eq!(returns[&open_bad.seq].ret, -2);
+    // close(fd) names the same file at its entry.
     let close = py
         .iter()
         .find(|x| {
-            x.kind == Kind::Entry && x.nr == 3 && x.args[0] as i64 == fd && x.seq > opens[1].0.seq
+            x.kind == Kind::Entry && x.nr == 3 && x.args[0] as i64 == fd && x.seq > open_bad.seq
         })
         .expect("close(fd)");
+    assert_eq!(file_item(close, 0).map(|f| f.1), Some(ino));
     assert_eq!(returns[&close.seq].ret, 0);
 
     // The consumer renders them strace-like.
-    let mut tracer = trace_cmd::Tracer::new("vm", "uuid", false);
-    let mut lines = Vec::new();
+    let mut tracer = tracer::Tracer::new("vm", "uuid");
+    let mut events = Vec::new();
     for x in &py {
-        tracer.feed(x, Instant::now(), &mut lines);
+        tracer.feed(x, Instant::now(), &mut events);
     }
-    let text: Vec<&str> = lines.iter().map(|(l, _)| l.as_str()).collect();
-    assert!(
-        text.iter()
-            .any(|l| l.contains(&format!("getpid() = {pid}"))),
-        "{text:?}"
+    let lines: Vec<String> = events.iter().map(|e| e.text()).collect();
+    let want = format!("{pid:<5} python3         getpid() = {pid}");
+    assert!(lines.contains(&want), "{want} in {lines:?}");
+    let want = format!(
+        "{pid:<5} python3         openat(AT_FDCWD, \"/etc/hostname\", O_RDONLY|O_CLOEXEC) = {fd}</etc/hostname>"
     );
-    let open_line = format!(
-        "openat(AT_FDCWD, {:#x}, O_RDONLY|O_CLOEXEC) = {fd}",
-        opens[0].0.args[1]
-    );
-    assert!(
-        text.iter().any(|l| l.ends_with(&open_line)),
-        "{open_line} in {text:?}"
-    );
-    assert!(text
-        .iter()
-        .any(|l| l.ends_with("= -1 ENOENT (No such file or directory)")));
+    assert!(lines.contains(&want), "{want} in {lines:?}");
+    assert!(lines.iter().any(|l| l.ends_with(
+        "openat(AT_FDCWD, \"/nonexistent-vmwatch\", O_RDONLY|O_CLOEXEC) = -1 ENOENT (No such file or directory)"
+    )));
 
     // 2. Two processes blocking in read on pipes: other tasks run on the
     // vCPUs meanwhile, and each return still pairs with its own entry.
@@ -241,12 +297,14 @@ fn plugin_reports_known_syscalls_paired_per_task() {
          (sleep 2; echo bbbbbbbbb) | python3 /tmp/r.py &\n\
          wait";
     let (out, recs) = run_collect(&vm.0, &mut r, script);
-    let mut sizes: Vec<i64> = out
+    let mut printed: Vec<(u32, i64)> = out
         .lines()
-        .map(|l| l.split_whitespace().nth(1).unwrap().parse().unwrap())
+        .map(|l| {
+            let mut w = l.split_whitespace().map(|x| x.parse::<i64>().unwrap());
+            (w.next().unwrap() as u32, w.next().unwrap())
+        })
         .collect();
-    sizes.sort();
-    assert_eq!(sizes, vec![5, 10]);
+    printed.sort();
     let by_seq: std::collections::HashMap<u64, &Record> = recs.iter().map(|x| (x.seq, x)).collect();
     let mut found = Vec::new();
     for ret in recs.iter().filter(|x| x.kind == Kind::Return && x.nr == 0) {
@@ -254,29 +312,35 @@ fn plugin_reports_known_syscalls_paired_per_task() {
             continue;
         };
         if e.args[0] == 0 && e.args[2] == 100 {
+            assert_eq!((e.tgid, e.task), (ret.tgid, ret.task));
             assert_eq!(
-                (e.cr3 & !0x1fff, e.task_key),
-                (ret.cr3 & !0x1fff, ret.task_key)
+                file_item(e, 0).map(|f| f.2.starts_with("pipe:[")),
+                Some(true)
             );
             let between = recs
                 .iter()
-                .filter(|x| x.seq > e.seq && x.seq < ret.seq && x.cr3 & !0x1fff != e.cr3 & !0x1fff)
+                .filter(|x| x.seq > e.seq && x.seq < ret.seq && x.tgid != e.tgid)
                 .count();
-            found.push((ret.ret, between));
+            found.push(((e.tgid, ret.ret), between));
         }
     }
     found.sort();
-    assert_eq!(found.len(), 2, "{found:?}");
-    assert_eq!((found[0].0, found[1].0), (5, 10));
+    let pairs: Vec<(u32, i64)> = found.iter().map(|f| f.0).collect();
+    assert_eq!(pairs, printed, "{found:?}");
+    assert_eq!(printed.iter().map(|p| p.1).collect::<Vec<_>>().len(), 2);
     assert!(found.iter().all(|(_, between)| *between > 0), "{found:?}");
 
     // 3. The filter changes at run time through the ring's control area, and
-    // `vmwatch trace --syscall getpid --json` sees only getpid.
+    // `vmwatch trace --syscall getpid --json` sees only getpid, each call
+    // named with the pid getpid itself returned.
     drop(r);
     let args = trace_cmd::TraceArgs {
         vm: vm.0.info().name.clone(),
         syscall: vec!["getpid".into()],
         json: true,
+        pid: None,
+        comm: Some("python3".into()),
+        fds: false,
         ring: None,
         count: Some(5),
         duration: Some(120.0),
@@ -287,9 +351,7 @@ fn plugin_reports_known_syscalls_paired_per_task() {
         std::thread::sleep(Duration::from_millis(500));
         sh(
             &vm.0,
-            // It stays alive a moment: pids are resolved from guest RAM when
-            // the record is consumed, and an exited process shows as `?`.
-            "python3 -c 'import os, time\nfor _ in range(20): os.getpid()\ntime.sleep(2)'",
+            "python3 -c 'import os\nfor _ in range(20): os.getpid()'",
         );
         h.join().unwrap().expect("trace");
     });
@@ -302,21 +364,24 @@ fn plugin_reports_known_syscalls_paired_per_task() {
     for c in &calls {
         assert_eq!(c["syscall"], "getpid");
         assert_eq!(c["state"], "call");
+        assert_eq!(c["comm"], "python3");
         assert_eq!(c["uuid"], vm.0.info().uuid.as_str());
         assert!(c["ret"].as_i64().unwrap() > 0);
-        // The process is named from guest RAM (CR3 -> mm->pgd) when the record
-        // is consumed: getpid's own result is the ground truth for its pid. A
-        // call from an address space already gone (busybox sh's getpid just
-        // before it exec'd python3) is left unnamed, never misnamed.
-        if !c["pid"].is_null() {
-            assert_eq!(c["pid"].as_i64(), c["ret"].as_i64(), "{c}");
-        }
+        assert_eq!(c["pid"].as_i64(), c["ret"].as_i64(), "{c}");
     }
-    let named = calls.iter().filter(|c| c["comm"] == "python3").count();
-    assert!(named >= 3, "python3's getpid calls should be named: {text}");
     let r = Ring::open(&vm.1).unwrap();
     assert_eq!(r.filter(), Filter::parse("getpid").unwrap());
-    assert_eq!(r.filter_generation(), 1);
+    assert_eq!(r.fds(), Filter::NONE);
+}
+
+#[test]
+fn plugin_events_match_the_guest_6_1_pti_on() {
+    plugin_events_match_the_guest("p61", lab::Flavour::Stable, lab::vm::Pti::On);
+}
+
+#[test]
+fn plugin_events_match_the_guest_6_12_pti_off() {
+    plugin_events_match_the_guest("p612", lab::Flavour::Backports, lab::vm::Pti::Off);
 }
 
 #[test]

@@ -28,6 +28,9 @@ use crate::image::{Flavour, ImagePaths};
 use crate::qmp::Qmp;
 use crate::util::{self, cache_dir, tails, FileLock};
 
+/// Guest RAM below the PCI hole (`max-ram-below-4g`); the rest sits at 4 GiB.
+pub const RAM_BELOW_4G: u64 = 2 << 30;
+
 /// Oldest QEMU we accept: plugin API v4 (the syscall-hook plugin needs it).
 pub const MIN_QEMU: (u32, u32) = (9, 2);
 
@@ -143,6 +146,9 @@ pub struct UpOptions {
     /// Load vmwatch's syscall-hook plugin with its event ring (filter `none`:
     /// near-zero cost until a consumer sets a filter).
     pub hook: bool,
+    /// Open QEMU's gdbstub on `STATE_DIR/gdb.sock` (for the hardware-breakpoint
+    /// syscall backend, `vmwatch hook gdb`).
+    pub gdbstub: bool,
     /// Raw extra QEMU arguments, appended last.
     pub extra_qemu_args: Vec<String>,
     /// Give up waiting for the agent after this long.
@@ -165,6 +171,7 @@ impl UpOptions {
             append: Vec::new(),
             plugins: Vec::new(),
             hook: true,
+            gdbstub: false,
             extra_qemu_args: Vec::new(),
             boot_timeout: Duration::from_secs(180),
             cache: None,
@@ -215,6 +222,9 @@ pub struct VmInfo {
     /// The syscall-hook plugin's event ring, when it is loaded.
     #[serde(default)]
     pub ring: Option<PathBuf>,
+    /// QEMU's gdbstub socket, when started with [`UpOptions::gdbstub`].
+    #[serde(default)]
+    pub gdb_socket: Option<PathBuf>,
     pub qemu_pid: u32,
     pub qemu_argv: Vec<String>,
     pub started_at_unix: u64,
@@ -528,7 +538,9 @@ impl Vm {
             "-name".into(),
             format!("vmwatch-{}", opts.name),
             "-machine".into(),
-            format!("pc,memory-backend={BACKEND_ID}"),
+            // A fixed split of RAM below/above the PCI hole, so the hook
+            // plugin can map guest-physical addresses before QMP answers.
+            format!("pc,memory-backend={BACKEND_ID},max-ram-below-4g={RAM_BELOW_4G}"),
             "-accel".into(),
             opts.accel.to_string(),
             "-cpu".into(),
@@ -583,10 +595,13 @@ impl Vm {
                     let path = hook_ring_path(&opts.name);
                     let _ = std::fs::remove_file(&path);
                     plugins.push(format!(
-                        "file={},ring={},vm={},filter=none",
+                        "file={},ring={},vm={},filter=none,ram={},ram_below_4g={},vmlinux={}",
                         so.display(),
                         path.display(),
-                        opts.name
+                        opts.name,
+                        ram_path.display(),
+                        opts.mem_bytes.min(RAM_BELOW_4G),
+                        vmlinux.display(),
                     ));
                     ring = Some(path);
                 }
@@ -596,6 +611,11 @@ impl Vm {
                     opts.name
                 ),
             }
+        }
+        let gdb_socket = opts.gdbstub.then(|| dir.join("gdb.sock"));
+        if let Some(sock) = &gdb_socket {
+            argv.push("-gdb".into());
+            argv.push(format!("unix:{},server=on,wait=off", sock.display()));
         }
         for p in &plugins {
             argv.push("-plugin".into());
@@ -653,6 +673,7 @@ impl Vm {
             cmdline,
             plugins,
             ring,
+            gdb_socket,
             qemu_pid: child.id(),
             qemu_argv: std::iter::once(qemu.display().to_string())
                 .chain(argv)
@@ -700,12 +721,21 @@ impl Vm {
         drop(qmp);
         let ranges = crate::mtree::parse_ram_ranges(&mtree, BACKEND_ID);
         let total: u64 = ranges.iter().map(|r| r.len).sum();
-        if ranges.is_empty() || total > opts.mem_bytes {
+        // The plugin was told this split on its command line; QEMU must agree.
+        let expected = vmi::memory::PhysRange::qemu_x86(opts.mem_bytes, RAM_BELOW_4G);
+        // (QEMU maps the RAM around the legacy VGA/ROM hole; what it maps must
+        // sit where the split says.)
+        let agrees = ranges.iter().all(|r| {
+            expected
+                .iter()
+                .any(|e| e.file_offset_of(r.gpa, r.len) == Some(r.file_offset))
+        });
+        if ranges.is_empty() || total > opts.mem_bytes || !agrees {
             let _ = vm.kill_qemu();
             return Err(LabError::Qmp {
                 name: vm.info.name.clone(),
                 detail: format!(
-                    "cannot find the RAM of backend `{BACKEND_ID}` in `info mtree -f` (got {ranges:?})"
+                    "RAM of backend `{BACKEND_ID}` in `info mtree -f` is {ranges:?}, expected {expected:?}"
                 ),
             });
         }

@@ -49,19 +49,19 @@ fn ram_above_4g_is_where_ranges_say() {
     let vm = boot(&opts);
     let info = vm.info();
     let gib = 1u64 << 30;
-    // pc machine: 3 GiB below the PCI hole, the rest at 4 GiB, file-contiguous.
+    // lab VMs: 2 GiB below the PCI hole (max-ram-below-4g), the rest at 4 GiB, file-contiguous.
     let above = info
         .ranges
         .iter()
         .find(|r| r.gpa == 4 * gib)
         .expect("a range at 4 GiB");
-    assert_eq!(above.len, gib);
-    assert_eq!(above.file_offset, 3 * gib);
+    assert_eq!(above.len, 2 * gib);
+    assert_eq!(above.file_offset, 2 * gib);
 
-    // The guest's own view agrees: System RAM up to 4 GiB + 1 GiB.
+    // The guest's own view agrees: System RAM from 4 GiB to 6 GiB.
     let iomem = vm.exec(&["cat", "/proc/iomem"]).unwrap().stdout_str();
     assert!(
-        iomem.contains("100000000-13fffffff : System RAM"),
+        iomem.contains("100000000-17fffffff : System RAM"),
         "{iomem}"
     );
 

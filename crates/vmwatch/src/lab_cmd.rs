@@ -55,6 +55,9 @@ pub enum LabCommand {
         /// Start without vmwatch's syscall-hook plugin (loaded by default, filter off).
         #[arg(long)]
         no_hook: bool,
+        /// Open QEMU's gdbstub (STATE_DIR/gdb.sock) for `vmwatch hook gdb`.
+        #[arg(long)]
+        gdbstub: bool,
         /// Seconds to wait for the guest agent.
         #[arg(long, default_value_t = 180)]
         timeout: u64,
@@ -132,6 +135,7 @@ pub fn run(cmd: LabCommand) -> Result<()> {
             append,
             plugins,
             no_hook,
+            gdbstub,
             timeout,
         } => {
             let mut opts = UpOptions::new(&name);
@@ -147,6 +151,7 @@ pub fn run(cmd: LabCommand) -> Result<()> {
                 .unwrap_or_default();
             opts.plugins = plugins;
             opts.hook = !no_hook;
+            opts.gdbstub = gdbstub;
             opts.boot_timeout = Duration::from_secs(timeout);
             let vm = Vm::up(&opts)?;
             let i = vm.info();

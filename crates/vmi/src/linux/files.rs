@@ -26,7 +26,17 @@ pub enum FileKind {
     Unknown,
 }
 
-/// One open file descriptor.
+/// What an fd names, independent of the process holding it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct FileIdentity {
+    /// `sb->s_dev` (kernel encoding: major << 20 | minor).
+    pub dev: u32,
+    pub ino: u64,
+    pub kind: FileKind,
+    pub path: String,
+}
+
+/// One open fd of a process.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct OpenFile {
     pub pid: i32,
@@ -142,6 +152,43 @@ impl LinuxGuest {
         Ok(Listing {
             items: out,
             warnings,
+        })
+    }
+
+    /// The `struct file` behind fd `fd` of a task, or `None` if the fd is not open.
+    pub fn file_of_fd(&self, task: u64, fd: u64) -> Result<Option<u64>, PagingError> {
+        let l = self.layout();
+        let k = self.kernel_space();
+        let files = self.read_ptr(task.wrapping_add(l.task_files))?;
+        if files == 0 {
+            return Ok(None);
+        }
+        let fdt = self.read_ptr(files.wrapping_add(l.files_fdt))?;
+        let max_fds = u64::from(k.read_u32(fdt.wrapping_add(l.fdtable_max_fds))?);
+        if fd >= max_fds.min(limits::MAX_FDS) {
+            return Ok(None);
+        }
+        let array = self.read_ptr(fdt.wrapping_add(l.fdtable_fd))?;
+        match self.read_ptr(array.wrapping_add(fd * 8))? {
+            0 => Ok(None),
+            file => Ok(Some(file)),
+        }
+    }
+
+    /// Device, inode, kind and display path of a `struct file`: what names
+    /// the object behind an fd across processes.
+    pub fn file_identity(&self, file: u64) -> Result<FileIdentity, PagingError> {
+        let l = self.layout();
+        let k = self.kernel_space();
+        let (kind, path, ino) = self.describe_file(file)?;
+        let inode = self.read_ptr(file.wrapping_add(l.file_inode))?;
+        let sb = self.read_ptr(inode.wrapping_add(l.inode_sb))?;
+        let dev = k.read_u32(sb.wrapping_add(l.sb_dev))?;
+        Ok(FileIdentity {
+            dev,
+            ino,
+            kind,
+            path,
         })
     }
 

@@ -49,6 +49,7 @@ pub struct Layout {
     pub inode_mode: u64,
     pub inode_sb: u64,
     pub sb_magic: u64,
+    pub sb_dev: u64,
     /// Offset of the embedded `struct vfsmount` inside `struct mount`.
     pub mount_mnt: u64,
     pub mount_parent: u64,
@@ -219,6 +220,7 @@ impl Layout {
             inode_mode: off("inode", "i_mode")?,
             inode_sb: off("inode", "i_sb")?,
             sb_magic: off("super_block", "s_magic")?,
+            sb_dev: off("super_block", "s_dev")?,
             mount_mnt: off("mount", "mnt")?,
             mount_parent: off("mount", "mnt_parent")?,
             mount_mountpoint: off("mount", "mnt_mountpoint")?,

@@ -14,12 +14,12 @@ mod tasks;
 
 use std::sync::Arc;
 
-pub use files::{FileKind, OpenFile};
+pub use files::{FileIdentity, FileKind, OpenFile};
 pub use layout::{HashTableLayout, Layout, ModuleMemLayout};
 pub use locate::{locate_kernel, KernelLocation, LocateError, LocateInputs, KASLR_ALIGN};
 pub use modules::Module;
 pub use sockets::{Socket, SocketFamily};
-pub use tasks::Process;
+pub use tasks::{Process, ThreadIds};
 
 use crate::btf::{Btf, BtfError};
 use crate::image::KernelImage;

@@ -3,6 +3,24 @@
 use super::{limits, lossy, LinuxGuest, Listing};
 use crate::paging::PagingError;
 
+/// Who a thread is, in the few bytes the syscall hooks need.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ThreadIds {
+    /// Kernel pid (the thread id user space sees).
+    pub pid: u32,
+    /// Thread-group id (the process id user space sees).
+    pub tgid: u32,
+    pub comm: [u8; 16],
+    pub comm_len: u8,
+}
+
+impl ThreadIds {
+    /// The comm bytes without padding.
+    pub fn comm(&self) -> &[u8] {
+        &self.comm[..usize::from(self.comm_len).min(16)]
+    }
+}
+
 /// One process (thread-group leader), as the kernel's structures say.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Process {
@@ -88,6 +106,25 @@ impl LinuxGuest {
         let mut comm = vec![0u8; l.task_comm_len as usize];
         k.read(task.wrapping_add(l.task_comm), &mut comm)?;
         Ok((tgid, lossy(&comm)))
+    }
+
+    /// pid, tgid and comm of a thread: three small reads, for the syscall
+    /// hooks' hot path.
+    pub fn thread_ids(&self, task: u64) -> Result<ThreadIds, PagingError> {
+        let l = self.layout();
+        let k = self.kernel_space();
+        let pid = k.read_u32(task.wrapping_add(l.task_pid))?;
+        let tgid = k.read_u32(task.wrapping_add(l.task_tgid))?;
+        let mut comm = [0u8; 16];
+        let n = (l.task_comm_len as usize).min(16);
+        k.read(task.wrapping_add(l.task_comm), &mut comm[..n])?;
+        let comm_len = comm.iter().position(|&b| b == 0).unwrap_or(n) as u8;
+        Ok(ThreadIds {
+            pid,
+            tgid,
+            comm,
+            comm_len,
+        })
     }
 
     /// Reads one `task_struct`.
