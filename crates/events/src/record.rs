@@ -58,7 +58,8 @@ pub struct Record {
     /// `rax` at return (the result, negative errno on failure); zero at entry.
     pub ret: i64,
     /// CR3 at the instruction (the user page-table root; with PTI the user
-    /// copy, i.e. kernel root | 0x1000).
+    /// copy, i.e. kernel root | 0x1000). Zero in a return whose thread is
+    /// known (not read: each register read costs the guest time).
     pub cr3: u64,
     /// Guest virtual address of the instrumented instruction.
     pub rip: u64,

@@ -101,6 +101,8 @@ struct Plugin {
     skipped: AtomicU64,
     /// Events whose thread could not be read from guest RAM.
     unnamed: AtomicU64,
+    /// Argument registers each syscall number uses ([`events::format::arg_count`]).
+    arg_counts: Box<[u8; 512]>,
 }
 
 static PLUGIN: OnceLock<Plugin> = OnceLock::new();
@@ -171,6 +173,9 @@ fn install(
         guest,
         skipped: AtomicU64::new(0),
         unnamed: AtomicU64::new(0),
+        arg_counts: Box::new(std::array::from_fn(|nr| {
+            events::format::arg_count(nr as u64) as u8
+        })),
     };
     if PLUGIN.set(plugin).is_err() {
         return Err("loaded twice in one QEMU".to_string());
@@ -648,17 +653,17 @@ unsafe extern "C" fn on_syscall(vcpu: c_uint, udata: *mut c_void) {
     let done = with_scratch(p, vcpu, |s| {
         // SAFETY: as above.
         unsafe {
-            let args = [
-                read(buf, r.rdi),
-                read(buf, r.rsi),
-                read(buf, r.rdx),
-                read(buf, r.r10),
-                read(buf, r.r8),
-                read(buf, r.r9),
-            ];
+            // Only the argument registers this syscall uses: each read costs.
+            let mut args = [0u64; 6];
+            let used = p.arg_counts.get(nr as usize).map_or(6, |&n| usize::from(n));
+            for (arg, handle) in args
+                .iter_mut()
+                .zip([r.rdi, r.rsi, r.rdx, r.r10, r.r8, r.r9])
+                .take(used)
+            {
+                *arg = read(buf, handle);
+            }
             let cr3 = read(buf, r.cr3);
-            let fs_base = read(buf, r.fs_base);
-            let rsp = read(buf, r.rsp);
             let mut rec = Record::entry(vcpu, nr, args, cr3, udata as u64);
             let th = thread(p, s, &r, buf);
             name_thread(&mut rec, th);
@@ -677,9 +682,9 @@ unsafe extern "C" fn on_syscall(vcpu: c_uint, udata: *mut c_void) {
                     let tls = if nr == NR_ARCH_PRCTL && args[0] == ARCH_SET_FS {
                         args[1]
                     } else {
-                        fs_base
+                        read(buf, r.fs_base)
                     };
-                    pairing::key(cr3, tls, rsp)
+                    pairing::key(cr3, tls, read(buf, r.rsp))
                 }
             };
             match p.ring.push_parts(&rec, s.payload.as_bytes()) {
@@ -735,21 +740,24 @@ unsafe fn on_return(vcpu: c_uint, udata: *mut c_void, iret: bool) {
             if !read_mem(buf, frame.wrapping_add(8), &mut f) || f[0] & 3 != 3 {
                 return; // not to CPL 3 (or unreadable)
             }
-            u64::from_le_bytes(f[16..24].try_into().unwrap_or_default())
+            Some(u64::from_le_bytes(f[16..24].try_into().unwrap_or_default()))
         } else {
-            read(buf, r.rsp)
+            None // at sysretq the user rsp is already in rsp: read it only if needed
         }
     };
     with_scratch(p, vcpu, |s| {
         // SAFETY: per this function's contract.
         unsafe {
-            let cr3 = read(buf, r.cr3);
             let th = thread(p, s, &r, buf);
+            let mut cr3 = 0;
             let pending = th
                 .and_then(|(task, _)| p.pending.take(pairing::task_key(task)))
                 .or_else(|| {
+                    // No thread from guest RAM: the register key.
+                    cr3 = read(buf, r.cr3);
                     let fs_base = read(buf, r.fs_base);
-                    p.pending.take(pairing::key(cr3, fs_base, user_rsp))
+                    let rsp = user_rsp.unwrap_or_else(|| read(buf, r.rsp));
+                    p.pending.take(pairing::key(cr3, fs_base, rsp))
                 });
             let Some(pending) = pending else {
                 return;

@@ -47,26 +47,6 @@ fn plugin_path() -> PathBuf {
     so
 }
 
-fn boot(tag: &str, plugin_args: Option<&str>, cpus: u32) -> TestVm {
-    let name = format!("t-{tag}-{}", std::process::id());
-    let ring = trace_cmd::default_ring_path(&name);
-    let mut opts = UpOptions::new(&name);
-    opts.cpus = cpus;
-    // This test loads the plugin itself (or, for the baseline, not at all).
-    opts.hook = false;
-    if let Some(extra) = plugin_args {
-        opts.plugins.push(format!(
-            "file={},ring={},vm={name}{extra}",
-            plugin_path().display(),
-            ring.display()
-        ));
-    }
-    match Vm::up(&opts) {
-        Ok(vm) => TestVm(vm, ring),
-        Err(e) => panic!("cannot boot lab VM `{name}` ({e}); run scripts/setup.sh first"),
-    }
-}
-
 fn sh(vm: &Vm, script: &str) -> String {
     let out = vm.exec_sh(script).expect("agent exec");
     assert!(
@@ -408,67 +388,4 @@ fn bad_plugin_arguments_fail_the_start_with_one_line() {
         err.contains("hook-plugin: unknown syscall `bogus` in filter"),
         "{err}"
     );
-}
-
-/// Guest getpid latency without the plugin and with it (getpid outside the
-/// filter; everything in the filter with a consumer draining). Prints the
-/// ratios; run with `cargo test --release -p hook-plugin --test trace -- --ignored --nocapture`.
-#[test]
-#[ignore]
-fn bench_getpid_latency() {
-    let plain = boot("bplain", None, 1);
-    let hooked = boot("bhook", Some(",filter=none"), 1);
-    let mut r = Ring::open(&hooked.1).unwrap();
-    let bench = "python3 -c 'import os,time\n\
-        n=1000000\n\
-        t=time.perf_counter()\n\
-        for _ in range(n): os.getpid()\n\
-        a=time.perf_counter()-t\n\
-        t=time.perf_counter()\n\
-        for _ in range(n): pass\n\
-        b=time.perf_counter()-t\n\
-        print((a-b)/n*1e6, a/n*1e6)'";
-    let measure = |vm: &Vm, r: Option<&mut RingReader>| -> (f64, f64) {
-        let out = match r {
-            Some(r) => run_collect(vm, r, bench).0,
-            None => sh(vm, bench),
-        };
-        let v: Vec<f64> = out.split_whitespace().map(|s| s.parse().unwrap()).collect();
-        (v[0], v[1])
-    };
-    let mut rows: Vec<(&str, Vec<(f64, f64)>)> = vec![
-        ("no plugin", vec![]),
-        ("plugin, filter=none", vec![]),
-        ("plugin, filter=openat:read", vec![]),
-        ("plugin, filter=all (drained)", vec![]),
-    ];
-    for _round in 0..5 {
-        rows[0].1.push(measure(&plain.0, None));
-        r.set_filter(&Filter::NONE);
-        rows[1].1.push(measure(&hooked.0, None));
-        r.set_filter(&Filter::parse("openat:read").unwrap());
-        rows[2].1.push(measure(&hooked.0, Some(&mut r)));
-        r.set_filter(&Filter::ALL);
-        rows[3].1.push(measure(&hooked.0, Some(&mut r)));
-    }
-    let med = |v: &[(f64, f64)], f: fn(&(f64, f64)) -> f64| {
-        let mut x: Vec<f64> = v.iter().map(f).collect();
-        x.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        x[x.len() / 2]
-    };
-    let base_net = med(&rows[0].1, |x| x.0);
-    let base_loop = med(&rows[0].1, |x| x.1);
-    println!(
-        "getpid under TCG, python3 loop of 1000000, median of 5 rounds (dropped {})",
-        r.dropped()
-    );
-    for (name, v) in &rows {
-        let net = med(v, |x| x.0);
-        let lp = med(v, |x| x.1);
-        println!(
-            "{name:32} getpid {net:7.3} us (x{:.3})   loop iteration {lp:7.3} us (x{:.3})",
-            net / base_net,
-            lp / base_loop
-        );
-    }
 }
