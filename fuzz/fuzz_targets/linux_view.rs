@@ -133,6 +133,7 @@ fuzz_target!(|data: &[u8]| {
         symbols,
         layout: layout(offsets),
         banner: Vec::new(),
+        current_task_offset: 0x2_0000,
     });
     let location = KernelLocation {
         virtual_slide: 0,

@@ -384,7 +384,7 @@ struct Scratch {
 
 /// How often a vCPU drops its kernel translation cache: direct-map
 /// translations never change, but vmalloc'd fd tables can move.
-const FLUSH_EVERY: u32 = 64;
+const FLUSH_EVERY: u32 = 1024;
 
 /// The thread on this vCPU: `(task_struct, ids)` from `k_gs_base` and the
 /// per-cpu `current_task`, if the plugin reads the guest kernel.

@@ -56,6 +56,10 @@ pub struct KernelProfile {
     pub layout: Layout,
     /// Bytes of `linux_banner` in the image, without the trailing NUL.
     pub banner: Vec<u8>,
+    /// Offset of the running task pointer in a CPU's per-cpu area:
+    /// `pcpu_hot.current_task` (6.2+) or `current_task` (per-cpu symbols are
+    /// offsets, not moved by KASLR).
+    pub current_task_offset: u64,
 }
 
 /// Why a kernel profile could not be built from an image.
@@ -84,10 +88,16 @@ impl KernelProfile {
             .read_vaddr(banner_va, 512)
             .ok_or(ProfileError::MissingSymbol("linux_banner"))?;
         let banner = raw.split(|&b| b == 0).next().unwrap_or_default().to_vec();
+        let current_task_offset =
+            match (symbols.address_of("pcpu_hot"), layout.pcpu_hot_current_task) {
+                (Some(hot), Some(field)) => hot.wrapping_add(field),
+                _ => symbols.address_of("current_task").unwrap_or(0),
+            };
         Ok(KernelProfile {
             symbols,
             layout,
             banner,
+            current_task_offset,
         })
     }
 

@@ -187,14 +187,8 @@ impl LinuxGuest {
     /// per-cpu variable is `pcpu_hot.current_task` (6.2+) or `current_task`;
     /// per-cpu symbols are offsets, not moved by KASLR.
     pub fn current_task(&self, percpu_base: u64) -> Result<u64, PagingError> {
-        let symbols = &self.profile().symbols;
-        let offset = match (
-            symbols.address_of("pcpu_hot"),
-            self.layout().pcpu_hot_current_task,
-        ) {
-            (Some(hot), Some(field)) => hot.wrapping_add(field),
-            _ => symbols.address_of("current_task").unwrap_or(0),
-        };
+        // The offset is looked up once per profile: this runs on every hooked syscall.
+        let offset = self.profile().current_task_offset;
         self.read_ptr(percpu_base.wrapping_add(offset))
     }
 
