@@ -18,8 +18,9 @@
 //! Entry callback: one register read (`rax`) and one bitmap lookup in the
 //! ring's control area for a syscall outside the filter; for one inside it,
 //! `rdi, rsi, rdx, r10, r8, r9, cr3, fs_base, rsp` and a push into the ring.
-//! Return callbacks: nothing at all while no entry is pending anywhere;
-//! otherwise `rsp`, `cr3`, `fs_base` (and for iretq `gs_base` and the iret
+//! Return callbacks: not even called while no entry is pending anywhere
+//! (they are conditional on a per-vCPU scoreboard flag that TCG tests
+//! inline; [`ReturnsGate`]); otherwise `rsp`, `cr3`, `fs_base` (and for iretq `gs_base` and the iret
 //! frame) and a pairing-table probe, plus `rax` and a push when the task has a
 //! pending entry. The pairing rule and its
 //! limits are in [`pairing`].
@@ -86,8 +87,52 @@ struct Regs {
     k_gs_base: Option<usize>,
 }
 
+/// Per-vCPU flag (a QEMU scoreboard) that the return sites' callbacks are
+/// conditional on: TCG tests it inline and skips the call, register sync
+/// included, while no syscall entry is pending anywhere.
+struct ReturnsGate {
+    flag: sys::qemu_plugin_u64,
+}
+
+// SAFETY: the scoreboard is owned by QEMU for the whole run; the handle is a
+// pointer plus offset, only passed to QEMU's scoreboard accessors.
+unsafe impl Send for ReturnsGate {}
+// SAFETY: as above; concurrent sets of u64 slots are plain stores in QEMU.
+unsafe impl Sync for ReturnsGate {}
+
+impl ReturnsGate {
+    fn set_all(&self, value: u64) {
+        // SAFETY: called from vCPU callbacks after every vCPU was initialised
+        // (QEMU sized the scoreboard for them); indexes stay below num_vcpus.
+        unsafe {
+            let n = sys::qemu_plugin_num_vcpus().max(0) as c_uint;
+            for vcpu in 0..n {
+                sys::qemu_plugin_u64_set(self.flag, vcpu, value);
+            }
+        }
+    }
+
+    /// An entry was remembered: every vCPU must look at its returns.
+    fn open(&self) {
+        self.set_all(1);
+    }
+
+    /// The pending table may be empty: stop calling the return callbacks,
+    /// unless an entry slipped in meanwhile (then open again).
+    fn close_if_idle(&self, pending: &pairing::Table) {
+        if pending.is_empty() {
+            self.set_all(0);
+            std::sync::atomic::fence(Ordering::SeqCst);
+            if !pending.is_empty() {
+                self.set_all(1);
+            }
+        }
+    }
+}
+
 struct Plugin {
     ring: RingWriter,
+    returns: ReturnsGate,
     vm: String,
     regs: OnceLock<Regs>,
     /// One GByteArray per vCPU, used only on that vCPU's thread.
@@ -161,8 +206,19 @@ fn install(
         .transpose()?;
     let ring = RingWriter::create(&cfg.ring, cfg.capacity, &cfg.vm, &cfg.filter, &cfg.fds)
         .map_err(|e| e.to_string())?;
+    // SAFETY: plain allocation by QEMU; freed by QEMU at exit.
+    let board = unsafe { sys::qemu_plugin_scoreboard_new(8) };
+    if board.is_null() {
+        return Err("QEMU could not allocate a scoreboard".to_string());
+    }
     let plugin = Plugin {
         ring,
+        returns: ReturnsGate {
+            flag: sys::qemu_plugin_u64 {
+                score: board,
+                offset: 0,
+            },
+        },
         vm: cfg.vm,
         regs: OnceLock::new(),
         bufs: (0..max_vcpus)
@@ -269,20 +325,28 @@ unsafe extern "C" fn tb_trans(_id: sys::qemu_plugin_id_t, tb: *mut sys::qemu_plu
             let got = sys::qemu_plugin_insn_data(insn, bytes.as_mut_ptr() as *mut c_void, size);
             let vaddr = sys::qemu_plugin_insn_vaddr(insn);
             let user = vaddr < USER_TOP;
-            let cb: sys::qemu_plugin_vcpu_udata_cb_t = match &bytes[..got.min(3)] {
-                [0x0f, 0x05] if user => Some(on_syscall),
-                [0x48, 0x0f, 0x07] if !user => Some(on_sysret),
-                [0x48, 0xcf] if !user => Some(on_iret),
+            let (cb, gated): (sys::qemu_plugin_vcpu_udata_cb_t, bool) = match &bytes[..got.min(3)] {
+                [0x0f, 0x05] if user => (Some(on_syscall), false),
+                [0x48, 0x0f, 0x07] if !user => (Some(on_sysret), true),
+                [0x48, 0xcf] if !user => (Some(on_iret), true),
                 _ => continue,
             };
             // The instruction's address travels as userdata: `rip` read in the
             // callback would be stale (known QEMU behaviour).
-            sys::qemu_plugin_register_vcpu_insn_exec_cb(
-                insn,
-                cb,
-                sys::qemu_plugin_cb_flags::QEMU_PLUGIN_CB_R_REGS,
-                vaddr as usize as *mut c_void,
-            );
+            let udata = vaddr as usize as *mut c_void;
+            let flags = sys::qemu_plugin_cb_flags::QEMU_PLUGIN_CB_R_REGS;
+            match PLUGIN.get() {
+                Some(p) if gated => sys::qemu_plugin_register_vcpu_insn_exec_cond_cb(
+                    insn,
+                    cb,
+                    flags,
+                    sys::qemu_plugin_cond::QEMU_PLUGIN_COND_NE,
+                    p.returns.flag,
+                    0,
+                    udata,
+                ),
+                _ => sys::qemu_plugin_register_vcpu_insn_exec_cb(insn, cb, flags, udata),
+            }
         }
     }
 }
@@ -690,7 +754,9 @@ unsafe extern "C" fn on_syscall(vcpu: c_uint, udata: *mut c_void) {
             match p.ring.push_parts(&rec, s.payload.as_bytes()) {
                 Some(seq) if nr != NR_EXIT && nr != NR_EXIT_GROUP => {
                     let pending = pairing::Pending { seq, nr, args };
-                    if !p.pending.insert(key, &pending) {
+                    if p.pending.insert(key, &pending) {
+                        p.returns.open();
+                    } else {
                         p.ring.count_unpaired();
                     }
                 }
@@ -723,6 +789,7 @@ unsafe extern "C" fn on_iret(vcpu: c_uint, udata: *mut c_void) {
 unsafe fn on_return(vcpu: c_uint, udata: *mut c_void, iret: bool) {
     let Some(p) = PLUGIN.get() else { return };
     if p.pending.is_empty() {
+        p.returns.close_if_idle(&p.pending);
         return;
     }
     let Some((p, r, buf)) = context(vcpu) else {
@@ -762,6 +829,7 @@ unsafe fn on_return(vcpu: c_uint, udata: *mut c_void, iret: bool) {
             let Some(pending) = pending else {
                 return;
             };
+            p.returns.close_if_idle(&p.pending);
             let ret = read(buf, r.rax) as i64;
             let mut rec = Record::ret(vcpu, pending.nr, ret, cr3, udata as u64, pending.seq);
             rec.args = pending.args;

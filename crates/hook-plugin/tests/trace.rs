@@ -273,8 +273,8 @@ fn plugin_events_match_the_guest(tag: &str, flavour: lab::Flavour, pti: lab::vm:
          import os, sys\n\
          print(os.getpid(), len(os.read(0, 100)), flush=True)\n\
          EOF\n\
-         (sleep 1; echo aaaa) | python3 /tmp/r.py &\n\
-         (sleep 2; echo bbbbbbbbb) | python3 /tmp/r.py &\n\
+         (sleep 3; echo aaaa) | python3 /tmp/r.py &\n\
+         (sleep 4; echo bbbbbbbbb) | python3 /tmp/r.py &\n\
          wait";
     let (out, recs) = run_collect(&vm.0, &mut r, script);
     let mut printed: Vec<(u32, i64)> = out
