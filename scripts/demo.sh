@@ -38,8 +38,8 @@ for vm in "${vms[@]}"; do
 done
 echo
 echo "================ demo-web: live syscalls, seen by the hook plugin in QEMU ================"
-echo "--- vmwatch trace --vm demo-web --syscall openat,read,write,close,execve (while the guest copies the secret)"
-$V trace --vm demo-web --syscall openat,read,write,close,execve --duration 6 &
+echo "--- vmwatch trace --vm demo-web --syscall openat,read,write,close,execve,copy_file_range --fds (while the guest copies the secret)"
+$V trace --vm demo-web --syscall openat,read,write,close,execve,copy_file_range --fds --comm cp --duration 6 &
 tracer=$!
 sleep 1
 $V lab exec demo-web -- sh -c 'sleep 0.5; cp /root/secret.txt /root/copy.txt; sleep 1' >/dev/null

@@ -52,6 +52,7 @@ done
 if [ ! -e /usr/share/doc/ca-certificates ]; then
     missing+=(ca-certificates)
 fi
+[ -e /usr/lib/x86_64-linux-gnu/libc.a ] || missing+=(libc6-dev) # static glibc: guest/scripted (hook-plugin tests)
 
 if [ "${#missing[@]}" -gt 0 ] || ! qemu_ok; then
     codename="$(. /etc/os-release && echo "${VERSION_CODENAME:-}")"

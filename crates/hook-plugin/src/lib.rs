@@ -67,6 +67,10 @@ extern "C" {
 const NR_EXIT: u64 = 60;
 const NR_EXIT_GROUP: u64 = 231;
 const NR_ARCH_PRCTL: u64 = 158;
+const NR_EXECVE: u64 = 59;
+const NR_EXECVEAT: u64 = 322;
+/// Records between sweeps of the pending table for threads that died in a syscall.
+const SWEEP_EVERY: u64 = 4096;
 const ARCH_SET_FS: u64 = 0x1002;
 
 /// Opaque QEMU register handles (stable for the whole run, same for all vCPUs).
@@ -146,6 +150,10 @@ struct Plugin {
     skipped: AtomicU64,
     /// Events whose thread could not be read from guest RAM.
     unnamed: AtomicU64,
+    /// Pending entries dropped because their thread died in the syscall.
+    stale: AtomicU64,
+    /// Entries recorded, for pacing the sweeps.
+    entries: AtomicU64,
     /// Argument registers each syscall number uses ([`events::format::arg_count`]).
     arg_counts: Box<[u8; 512]>,
 }
@@ -229,6 +237,8 @@ fn install(
         guest,
         skipped: AtomicU64::new(0),
         unnamed: AtomicU64::new(0),
+        stale: AtomicU64::new(0),
+        entries: AtomicU64::new(0),
         arg_counts: Box::new(std::array::from_fn(|nr| {
             events::format::arg_count(nr as u64) as u8
         })),
@@ -751,9 +761,23 @@ unsafe extern "C" fn on_syscall(vcpu: c_uint, udata: *mut c_void) {
                     pairing::key(cr3, tls, read(buf, r.rsp))
                 }
             };
+            if p.entries.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
+                if let Some(g) = s.guest.as_ref() {
+                    let gone = p.pending.sweep(|task, tid| g.thread_alive(task, tid));
+                    p.stale.fetch_add(gone as u64, Ordering::Relaxed);
+                    p.returns.close_if_idle(&p.pending);
+                }
+            }
             match p.ring.push_parts(&rec, s.payload.as_bytes()) {
                 Some(seq) if nr != NR_EXIT && nr != NR_EXIT_GROUP => {
-                    let pending = pairing::Pending { seq, nr, args };
+                    let (task, tid) = th.map_or((0, 0), |(task, ids)| (task, ids.pid));
+                    let pending = pairing::Pending {
+                        seq,
+                        nr,
+                        args,
+                        task,
+                        tid,
+                    };
                     if p.pending.insert(key, &pending) {
                         p.returns.open();
                     } else {
@@ -830,6 +854,16 @@ unsafe fn on_return(vcpu: c_uint, udata: *mut c_void, iret: bool) {
                 return;
             };
             p.returns.close_if_idle(&p.pending);
+            if let Some((_, ids)) = th {
+                // Same task_struct, other thread: the entering thread died in
+                // its syscall and the address was reused. A successful execve
+                // from a non-leader thread comes back with the leader's pid.
+                let exec = matches!(pending.nr, NR_EXECVE | NR_EXECVEAT) && ids.pid == ids.tgid;
+                if pending.tid != 0 && pending.tid != ids.pid && !exec {
+                    p.stale.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+            }
             let ret = read(buf, r.rax) as i64;
             let mut rec = Record::ret(vcpu, pending.nr, ret, cr3, udata as u64, pending.seq);
             rec.args = pending.args;
@@ -847,12 +881,13 @@ unsafe fn on_return(vcpu: c_uint, udata: *mut c_void, iret: bool) {
 unsafe extern "C" fn at_exit(_id: sys::qemu_plugin_id_t, _udata: *mut c_void) {
     if let Some(p) = PLUGIN.get() {
         eprintln!(
-            "hook-plugin: vm `{}`: {} records written, {} dropped (ring full), {} callbacks skipped, {} events without a named thread",
+            "hook-plugin: vm `{}`: {} records written, {} dropped (ring full), {} callbacks skipped, {} events without a named thread, {} entries of threads that died in the call",
             p.vm,
             p.ring.written(),
             p.ring.dropped(),
             p.skipped.load(Ordering::Relaxed),
-            p.unnamed.load(Ordering::Relaxed)
+            p.unnamed.load(Ordering::Relaxed),
+            p.stale.load(Ordering::Relaxed)
         );
     }
 }

@@ -69,6 +69,12 @@ pub struct Pending {
     pub seq: u64,
     pub nr: u64,
     pub args: [u64; 6],
+    /// The entering thread's `task_struct` and pid (0 when unknown): a
+    /// thread that dies in a syscall never returns, and its `task_struct`
+    /// address is reused by a later task, whose returns must not be paired
+    /// with the dead thread's entry.
+    pub task: u64,
+    pub tid: u32,
 }
 
 struct Bucket {
@@ -76,6 +82,8 @@ struct Bucket {
     seq: AtomicU64,
     nr: AtomicU64,
     args: [AtomicU64; 6],
+    task: AtomicU64,
+    tid: AtomicU64,
 }
 
 /// Lock-free table of pending entries, shared by all vCPU threads. One task
@@ -95,6 +103,8 @@ impl Default for Table {
                     seq: AtomicU64::new(0),
                     nr: AtomicU64::new(0),
                     args: Default::default(),
+                    task: AtomicU64::new(0),
+                    tid: AtomicU64::new(0),
                 })
                 .collect(),
             live: AtomicU64::new(0),
@@ -123,6 +133,8 @@ impl Table {
             for (dst, v) in b.args.iter().zip(p.args) {
                 dst.store(v, Ordering::Relaxed);
             }
+            b.task.store(p.task, Ordering::Relaxed);
+            b.tid.store(u64::from(p.tid), Ordering::Relaxed);
         };
         for b in self.window(key) {
             if b.key.load(Ordering::Acquire) == key {
@@ -145,6 +157,35 @@ impl Table {
         false
     }
 
+    /// Removes the entries of threads that `alive(task, tid)` says are gone
+    /// (they died inside the syscall); returns how many. Bounded: one pass
+    /// over the table.
+    pub fn sweep(&self, alive: impl Fn(u64, u32) -> bool) -> usize {
+        let mut removed = 0;
+        for b in self.buckets.iter() {
+            let key = b.key.load(Ordering::Acquire);
+            if key == EMPTY || key == BUSY {
+                continue;
+            }
+            let task = b.task.load(Ordering::Relaxed);
+            let tid = b.tid.load(Ordering::Relaxed) as u32;
+            if task == 0 || alive(task, tid) {
+                continue;
+            }
+            // Only if still the same entry: its own thread is dead, so nobody
+            // else updates this key, except a new task at the same address,
+            // which would have replaced task/tid (then the CAS still guards the key).
+            if b.key
+                .compare_exchange(key, EMPTY, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+            {
+                self.live.fetch_sub(1, Ordering::Release);
+                removed += 1;
+            }
+        }
+        removed
+    }
+
     /// Forgets `key`'s entry, if any.
     pub fn remove(&self, key: u64) {
         let _ = self.take(key);
@@ -158,6 +199,8 @@ impl Table {
                     seq: b.seq.load(Ordering::Relaxed),
                     nr: b.nr.load(Ordering::Relaxed),
                     args: std::array::from_fn(|i| b.args[i].load(Ordering::Relaxed)),
+                    task: b.task.load(Ordering::Relaxed),
+                    tid: b.tid.load(Ordering::Relaxed) as u32,
                 };
                 b.key.store(EMPTY, Ordering::Release);
                 self.live.fetch_sub(1, Ordering::Release);
@@ -178,7 +221,32 @@ mod tests {
             seq,
             nr,
             args: [seq, nr, 3, 4, 5, 6],
+            task: 0,
+            tid: 0,
         }
+    }
+
+    #[test]
+    fn sweep_removes_entries_of_dead_threads() {
+        let t = Table::default();
+        let live = Pending {
+            task: 0xa000,
+            tid: 10,
+            ..p(1, 0)
+        };
+        let dead = Pending {
+            task: 0xb000,
+            tid: 11,
+            ..p(2, 0)
+        };
+        t.insert(task_key(0xa000), &live);
+        t.insert(task_key(0xb000), &dead);
+        t.insert(key(1, 2, 3), &p(3, 0)); // no task: never swept
+        assert_eq!(t.sweep(|task, tid| (task, tid) == (0xa000, 10)), 1);
+        assert_eq!(t.take(task_key(0xb000)), None);
+        assert_eq!(t.take(task_key(0xa000)).map(|x| x.tid), Some(10));
+        assert!(t.take(key(1, 2, 3)).is_some());
+        assert!(t.is_empty());
     }
 
     fn sn(x: Option<Pending>) -> Option<(u64, u64)> {

@@ -127,6 +127,16 @@ impl LinuxGuest {
         })
     }
 
+    /// Whether the thread `tid` still lives at `task`: its pid is `tid` and it
+    /// has not exited. False also when the memory cannot be read.
+    pub fn thread_alive(&self, task: u64, tid: u32) -> bool {
+        let l = self.layout();
+        let k = self.kernel_space();
+        let pid = k.read_u32(task.wrapping_add(l.task_pid));
+        let exit_state = k.read_u32(task.wrapping_add(l.task_exit_state));
+        matches!((pid, exit_state), (Ok(p), Ok(0)) if p == tid)
+    }
+
     /// Reads one `task_struct`.
     pub fn read_process(&self, task: u64) -> Result<Process, PagingError> {
         let k = self.kernel_space();
