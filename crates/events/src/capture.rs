@@ -30,6 +30,10 @@ pub enum AtReturn {
     FdPair(u8),
     /// The result is a new fd: resolved when the fd filter asks.
     FdResult,
+    /// `fcntl`: the result is a new fd only for `F_DUPFD`/`F_DUPFD_CLOEXEC`.
+    FcntlDupResult,
+    /// A `struct msghdr *` at this argument: the `msg_name` the kernel filled.
+    MsgNameOut(u8),
 }
 
 use AtEntry::*;
@@ -63,14 +67,17 @@ pub fn at_entry(nr: u64) -> &'static [AtEntry] {
         47 => &[Fd(0)],
         // open, creat, stat, lstat, access, truncate, chdir, mkdir, rmdir,
         // unlink, readlink, chmod, chown, lchown, mknod, chroot, memfd_create
-        2 | 85 | 4 | 6 | 21 | 76 | 80 | 83 | 84 | 87 | 89 | 90 | 92 | 94 | 133 | 161 | 319 => {
-            &[Path(0)]
-        }
+        // ... statfs, utime, utimes, setxattr, lsetxattr, getxattr, lgetxattr,
+        // listxattr, llistxattr, removexattr, lremovexattr, umount2
+        2 | 85 | 4 | 6 | 21 | 76 | 80 | 83 | 84 | 87 | 89 | 90 | 92 | 94 | 133 | 161 | 319
+        | 137 | 132 | 235 | 188 | 189 | 191 | 192 | 194 | 195 | 197 | 198 | 166 => &[Path(0)],
+        // mount(source, target, ...)
+        165 => &[Path(0), Path(1)],
         // openat, openat2, mkdirat, fchownat, newfstatat, unlinkat, readlinkat,
         // fchmodat, faccessat, faccessat2, utimensat, statx, mknodat, inotify_add_watch
-        257 | 437 | 258 | 260 | 262 | 263 | 267 | 268 | 269 | 439 | 280 | 332 | 259 | 254 => {
-            &[Path(1)]
-        }
+        // ..., futimesat, fchmodat2
+        257 | 437 | 258 | 260 | 262 | 263 | 267 | 268 | 269 | 439 | 280 | 332 | 259 | 254 | 261
+        | 452 => &[Path(1)],
         // rename, link, symlink (old, new)
         82 | 86 | 88 => &[Path(0), Path(1)],
         // renameat, renameat2, linkat (olddirfd, old, newdirfd, new)
@@ -104,19 +111,27 @@ pub fn at_return(nr: u64) -> &'static [AtReturn] {
             addr: 4,
             len_ptr: 5,
         }],
+        // recvmsg(fd, msghdr, flags)
+        47 => &[MsgNameOut(1)],
+        72 => &[FcntlDupResult],
         // pipe, pipe2 (fds); socketpair(domain, type, proto, fds)
         22 | 293 => &[FdPair(0)],
         53 => &[FdPair(3)],
         // open, creat, openat, openat2, socket, dup, dup2, dup3, memfd_create,
-        // eventfd2, epoll_create1
-        2 | 85 | 257 | 437 | 41 | 32 | 33 | 292 | 319 | 290 | 291 => &[FdResult],
+        // eventfd2, epoll_create1, eventfd, epoll_create, pidfd_open,
+        // open_by_handle_at, signalfd4, timerfd_create, inotify_init1
+        2 | 85 | 257 | 437 | 41 | 32 | 33 | 292 | 319 | 290 | 291 | 284 | 213 | 434 | 304 | 289
+        | 283 | 294 => &[FdResult],
         _ => &[],
     }
 }
 
 /// Whether any capture of `nr` needs the kernel's view of an fd.
 pub fn uses_fds(nr: u64) -> bool {
-    at_entry(nr).iter().any(|c| matches!(c, Fd(_))) || at_return(nr).contains(&FdResult)
+    at_entry(nr).iter().any(|c| matches!(c, Fd(_)))
+        || at_return(nr)
+            .iter()
+            .any(|c| matches!(c, FdResult | FcntlDupResult))
 }
 
 #[cfg(test)]
@@ -147,6 +162,13 @@ mod tests {
         assert_eq!(at_return(nr("socketpair")), &[FdPair(3)]);
         assert!(at_return(nr("accept4")).contains(&FdResult));
         assert_eq!(at_return(nr("memfd_create")), &[FdResult]);
+        assert_eq!(at_return(nr("recvmsg")), &[MsgNameOut(1)]);
+        assert_eq!(at_return(nr("fcntl")), &[FcntlDupResult]);
+        assert_eq!(at_entry(nr("mount")), &[Path(0), Path(1)]);
+        assert_eq!(at_entry(nr("fchmodat2")), &[Path(1)]);
+        for name in ["eventfd", "epoll_create", "pidfd_open", "open_by_handle_at"] {
+            assert_eq!(at_return(nr(name)), &[FdResult], "{name}");
+        }
         assert!(uses_fds(nr("read")) && uses_fds(nr("openat")) && !uses_fds(nr("getpid")));
         for name in [
             "read",

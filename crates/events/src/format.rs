@@ -122,6 +122,8 @@ pub fn arg_count(nr: u64) -> usize {
             crate::capture::AtReturn::SockAddrOut { addr, len_ptr } => addr.max(len_ptr),
             crate::capture::AtReturn::FdPair(a) => a,
             crate::capture::AtReturn::FdResult => 0,
+            crate::capture::AtReturn::FcntlDupResult => 1,
+            crate::capture::AtReturn::MsgNameOut(a) => a,
         }))
         .map(|a| usize::from(a) + 1)
         .max()

@@ -679,6 +679,26 @@ unsafe fn capture_return(
                     push_file(s, RESULT, task, ret);
                 }
             }
+            AtReturn::FcntlDupResult => {
+                const F_DUPFD: u64 = 0;
+                const F_DUPFD_CLOEXEC: u64 = 1030;
+                if matches!(args[1], F_DUPFD | F_DUPFD_CLOEXEC) && p.ring.wants_fds(nr) {
+                    push_file(s, RESULT, task, ret);
+                }
+            }
+            AtReturn::MsgNameOut(a) => {
+                // struct msghdr { void *msg_name; socklen_t msg_namelen; ... },
+                // the length as the kernel updated it.
+                let mut m = [0u8; 12];
+                // SAFETY: per this function's contract.
+                if args[a as usize] != 0 && unsafe { read_mem(buf, args[a as usize], &mut m) } {
+                    let name = u64::from_le_bytes(m[..8].try_into().unwrap_or_default());
+                    let len = u32::from_le_bytes(m[8..].try_into().unwrap_or_default()) as usize;
+                    if name != 0 && len > 0 {
+                        sockaddr(s, buf, a, name, len);
+                    }
+                }
+            }
         }
     }
 }

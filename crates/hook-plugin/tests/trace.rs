@@ -310,7 +310,47 @@ fn plugin_events_match_the_guest(tag: &str, flavour: lab::Flavour, pti: lab::vm:
     assert_eq!(printed.iter().map(|p| p.1).collect::<Vec<_>>().len(), 2);
     assert!(found.iter().all(|(_, between)| *between > 0), "{found:?}");
 
-    // 3. The filter changes at run time through the ring's control area, and
+    // 3. What the kernel writes back: recvmsg's sender address, and the fd
+    // fcntl(F_DUPFD_CLOEXEC) returns (os.dup) named as the file it duplicates.
+    let script = "cat > /tmp/m.py <<'EOF'\n\
+         import os, socket\n\
+         r = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); r.bind(('127.0.0.1', 0))\n\
+         w = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); w.bind(('127.0.0.1', 0))\n\
+         w.sendto(b'hello', r.getsockname())\n\
+         data, anc, flags, src = r.recvmsg(100)\n\
+         fd = os.open('/etc/hostname', os.O_RDONLY)\n\
+         print(os.getpid(), src[1], os.dup(fd))\n\
+         EOF\n\
+         python3 /tmp/m.py";
+    let (out, recs) = run_collect(&vm.0, &mut r, script);
+    let v: Vec<i64> = out.split_whitespace().map(|s| s.parse().unwrap()).collect();
+    let (pid, port, dup) = (v[0] as u32, v[1] as u16, v[2]);
+    let mine: Vec<&Record> = recs.iter().filter(|x| x.tgid == pid).collect();
+    let recvmsg_ret = mine
+        .iter()
+        .find(|x| x.kind == Kind::Return && x.nr == 47 && x.ret == 5)
+        .expect("recvmsg return");
+    let src = recvmsg_ret
+        .items()
+        .find_map(|it| match it {
+            Item::SockAddr { arg: 1, bytes, .. } => Some(bytes.to_vec()),
+            _ => None,
+        })
+        .expect("recvmsg's msg_name");
+    assert_eq!(
+        &src[..8],
+        &[2, 0, (port >> 8) as u8, port as u8, 127, 0, 0, 1]
+    );
+    let dup_ret = mine
+        .iter()
+        .find(|x| x.kind == Kind::Return && x.nr == 72 && x.ret == dup)
+        .expect("fcntl(F_DUPFD_CLOEXEC) return");
+    assert_eq!(
+        file_item(dup_ret, events::payload::RESULT).map(|f| f.2),
+        Some("/etc/hostname".to_string())
+    );
+
+    // 4. The filter changes at run time through the ring's control area, and
     // `vmwatch trace --syscall getpid --json` sees only getpid, each call
     // named with the pid getpid itself returned.
     drop(r);
