@@ -41,6 +41,9 @@ pub enum State {
     NoReturn,
     /// Events lost because the ring was full (`count`).
     Dropped,
+    /// Events a slow subscriber skipped (`count`): the daemon's stream to it
+    /// fell behind; the ring lost nothing.
+    Lagged,
     /// The VM's QEMU exited: the stream ends.
     VmStopped,
 }
@@ -153,6 +156,10 @@ impl TraceEvent {
                 "--- {} events dropped (ring full) ---",
                 self.count.unwrap_or(0)
             ),
+            State::Lagged => format!(
+                "--- {} events skipped (this client read too slowly) ---",
+                self.count.unwrap_or(0)
+            ),
             State::VmStopped => format!("--- VM `{}` stopped ---", self.vm),
         }
     }
@@ -167,7 +174,7 @@ pub struct Selection {
 
 impl Selection {
     pub fn matches(&self, ev: &TraceEvent) -> bool {
-        if matches!(ev.state, State::Dropped | State::VmStopped) {
+        if matches!(ev.state, State::Dropped | State::Lagged | State::VmStopped) {
             return true;
         }
         self.pid

@@ -1,4 +1,5 @@
-//! `vmwatch`: a thin command line over the `vmi` and `lab` libraries.
+//! `vmwatch`: a thin command line over the `vmi`, `lab`, `tracer` libraries
+//! and the `vmwatchd` daemon's API.
 
 mod inspect_cmd;
 mod lab_cmd;
@@ -49,10 +50,25 @@ enum Command {
     },
     /// Live strace-like stream of a lab VM's syscalls (needs the hook plugin loaded).
     Trace(trace_cmd::TraceArgs),
+    /// Talk to the running vmwatchd.
+    Daemon {
+        #[command(subcommand)]
+        command: DaemonCommand,
+    },
     /// Show where the guest's kernel is (KASLR slides, page-table root).
     Kernel {
         #[command(flatten)]
         target: inspect_cmd::Target,
+    },
+}
+
+#[derive(Subcommand)]
+enum DaemonCommand {
+    /// The daemon's health and the VMs it watches (ring counters, filters, streams).
+    Status {
+        /// One JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -73,6 +89,9 @@ fn main() {
         Command::Modules { target } => inspect_cmd::modules(&target),
         Command::Kernel { target } => inspect_cmd::kernel(&target),
         Command::Trace(args) => trace_cmd::run(args),
+        Command::Daemon {
+            command: DaemonCommand::Status { json },
+        } => trace_cmd::daemon_client::status(json, &mut std::io::stdout().lock()),
     };
     if let Err(err) = result {
         // One line that says what is wrong and what to do.

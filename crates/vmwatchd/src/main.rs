@@ -1,0 +1,71 @@
+//! `vmwatchd`: the vmwatch daemon (see the library docs).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// Watches lab VMs' syscall event rings and serves them over a local,
+/// token-protected HTTP/JSON API (used by `vmwatch trace`).
+#[derive(Parser, Debug)]
+#[command(name = "vmwatchd", version)]
+struct Args {
+    /// Where the socket, token and pid file live (default: $VMWATCHD_DIR,
+    /// else <lab cache>/vmwatchd).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Also serve HTTP on this address (loopback only unless --allow-remote).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Allow --listen on a non-loopback address (the token is then the only protection).
+    #[arg(long)]
+    allow_remote: bool,
+    /// Attach every running lab VM now, and new ones as they start.
+    #[arg(long)]
+    watch_all: bool,
+    /// Attach these lab VMs at start (repeatable).
+    #[arg(long = "watch", value_name = "NAME")]
+    watch: Vec<String>,
+    /// Milliseconds between ring polls when a ring is empty.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    poll_ms: u64,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("VMWATCHD_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let args = Args::parse();
+    let mut config = vmwatchd::Config::new(
+        args.state_dir
+            .unwrap_or_else(vmwatchd::paths::default_state_dir),
+        lab::util::cache_dir(),
+    );
+    config.listen = args.listen;
+    config.allow_remote = args.allow_remote;
+    config.watch_all = args.watch_all;
+    config.watch = args.watch;
+    config.pump.idle_sleep = Duration::from_millis(args.poll_ms);
+    // Two workers: the API is light; the pumps have their own threads.
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("vmwatchd: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = runtime.block_on(vmwatchd::run(config)) {
+        eprintln!("vmwatchd: {e}");
+        std::process::exit(1);
+    }
+}
