@@ -37,13 +37,23 @@ for vm in "${vms[@]}"; do
     echo "--- vmwatch modules --vm $vm"; $V modules --vm "$vm"
 done
 echo
-echo "================ demo-web: live syscalls, seen by the hook plugin in QEMU ================"
-echo "--- vmwatch trace --vm demo-web --syscall openat,read,write,close,execve,copy_file_range --fds (while the guest copies the secret)"
-$V trace --vm demo-web --syscall openat,read,write,close,execve,copy_file_range --fds --comm cp --duration 6 &
+echo "================ both VMs: live syscalls, seen by the hook plugin in QEMU, through vmwatchd ================"
+export VMWATCHD_DIR="$(mktemp -d)"   # the demo's own daemon (socket, token)
+target/release/vmwatchd --watch demo-web --watch demo-db 2>/dev/null &
+daemon=$!
+trap 'kill $daemon 2>/dev/null || true; cleanup' EXIT
+for _ in $(seq 50); do $V daemon status >/dev/null 2>&1 && break; sleep 0.1; done
+echo "--- vmwatch trace --vm '*' --syscall openat,read,write,close,execve,copy_file_range,sendfile --fds --comm cp (while each guest copies its secret)"
+$V trace --vm '*' --syscall openat,read,write,close,execve,copy_file_range,sendfile --fds --comm cp --duration 8 &
 tracer=$!
-sleep 1
-$V lab exec demo-web -- sh -c 'sleep 0.5; cp /root/secret.txt /root/copy.txt; sleep 1' >/dev/null
+sleep 2
+for vm in "${vms[@]}"; do
+    $V lab exec "$vm" -- sh -c 'cp /root/secret.txt /root/copy.txt' >/dev/null
+done
 wait $tracer || true
+echo "--- vmwatch daemon status"
+$V daemon status
+kill $daemon 2>/dev/null || true
 echo
 $V lab ls
 [ $keep = 1 ] && echo "VMs left running; stop them with: $V lab down --all"
