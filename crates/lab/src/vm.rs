@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::fs::File;
+use std::net::Ipv4Addr;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -36,6 +37,38 @@ pub const MIN_QEMU: (u32, u32) = (9, 2);
 
 /// Name of the memory backend object, as it appears in `info mtree`.
 const BACKEND_ID: &str = "mem";
+
+/// eth0 of every lab VM: QEMU's user-mode network (slirp), private to each
+/// VM. The guest has this address; slirp plays the host at
+/// [`SLIRP_HOST_IP`] and forwards a guest connection to `10.0.2.2:PORT` to
+/// the host's `127.0.0.1:PORT` (made by the QEMU process).
+pub const SLIRP_GUEST_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
+/// The host as a lab guest reaches it (slirp's default gateway).
+pub const SLIRP_HOST_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
+const SLIRP_NET: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 0);
+/// slirp's DNS forwarder.
+const SLIRP_DNS_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 3);
+/// eth1 of every lab VM: the lab LAN, `10.77.0.0/24`, shared by all running
+/// VMs of one cache. Hosts `.2` to `.254`; `.1` is left for a host-side
+/// endpoint should one ever join.
+pub const LAN_NET: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 0);
+pub const LAN_PREFIX_LEN: u8 = 24;
+const LAN_FIRST_HOST: u8 = 2;
+const LAN_LAST_HOST: u8 = 254;
+/// The LAN is a UDP multicast group on the host's loopback: every VM's LAN
+/// NIC sends its frames to the group and receives everyone's (a hub needing
+/// no daemon and no root network setup). The port is derived from the cache
+/// directory, so VMs of different caches (whose addresses are allocated
+/// independently) are on different LANs.
+const LAN_GROUP: Ipv4Addr = Ipv4Addr::new(239, 77, 0, 1);
+/// Below Linux's ephemeral port range (32768-60999), so a client socket of
+/// some other program cannot hold it.
+const LAN_PORT_BASE: u16 = 27700;
+/// Fixed PCI slots for the two NICs: the guest enumerates them in slot
+/// order, so the slirp NIC is always eth0 and the LAN NIC eth1, whatever
+/// other devices are added.
+const SLIRP_PCI_SLOT: u8 = 0x10;
+const LAN_PCI_SLOT: u8 = 0x11;
 
 /// How the guest CPU runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -149,6 +182,10 @@ pub struct UpOptions {
     /// Open QEMU's gdbstub on `STATE_DIR/gdb.sock` (for the hardware-breakpoint
     /// syscall backend, `vmwatch hook gdb`).
     pub gdbstub: bool,
+    /// Give the guest two NICs: eth0 on QEMU's user-mode network (TCP to the
+    /// host at [`SLIRP_HOST_IP`]) and eth1 on the lab LAN shared with the
+    /// other lab VMs (see [`VmNetwork`]). `false`: the guest has only `lo`.
+    pub network: bool,
     /// Raw extra QEMU arguments, appended last.
     pub extra_qemu_args: Vec<String>,
     /// Give up waiting for the agent after this long.
@@ -172,6 +209,7 @@ impl UpOptions {
             plugins: Vec::new(),
             hook: true,
             gdbstub: false,
+            network: true,
             extra_qemu_args: Vec::new(),
             boot_timeout: Duration::from_secs(180),
             cache: None,
@@ -225,11 +263,37 @@ pub struct VmInfo {
     /// QEMU's gdbstub socket, when started with [`UpOptions::gdbstub`].
     #[serde(default)]
     pub gdb_socket: Option<PathBuf>,
+    /// The guest's addresses; `None` when started with
+    /// [`UpOptions::network`] off (or by a vmwatch without networking).
+    #[serde(default)]
+    pub network: Option<VmNetwork>,
     pub qemu_pid: u32,
     pub qemu_argv: Vec<String>,
     pub started_at_unix: u64,
     /// Seconds from starting QEMU to the agent's first answer.
     pub boot_to_ready_secs: Option<f64>,
+}
+
+/// A lab VM's network addresses (see [`UpOptions::network`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmNetwork {
+    /// eth0's address on QEMU's user-mode network ([`SLIRP_GUEST_IP`]; the
+    /// same in every VM, each VM's slirp network being private).
+    pub guest_ip: Ipv4Addr,
+    /// The host as the guest reaches it ([`SLIRP_HOST_IP`]): a guest
+    /// connection to `host_ip:PORT` arrives at the host's `127.0.0.1:PORT`,
+    /// from a socket of the VM's QEMU process.
+    pub host_ip: Ipv4Addr,
+    /// eth1's address on the lab LAN (`10.77.0.0/24`), distinct among the
+    /// running VMs of this cache.
+    pub lan_ip: Ipv4Addr,
+    pub lan_prefix_len: u8,
+    /// eth1's MAC address (derived from `lan_ip`, so unique on the LAN too).
+    pub lan_mac: String,
+    /// The UDP multicast group and port on the host's loopback that carry
+    /// the LAN's Ethernet frames (one port per cache).
+    pub lan_group: Ipv4Addr,
+    pub lan_port: u16,
 }
 
 /// Whether a VM's QEMU is alive.
@@ -523,6 +587,14 @@ impl Vm {
             Pti::On => cmdline.push("pti=on".into()),
             Pti::Off => cmdline.push("pti=off".into()),
         }
+        // Held until vm.json records the LAN address (see allocate_network).
+        let (network, lan_lock) = if opts.network {
+            let (net, lock) = allocate_network(&cache, &opts.name)?;
+            cmdline.extend(network_cmdline(&net));
+            (Some(net), Some(lock))
+        } else {
+            (None, None)
+        };
         cmdline.extend(opts.append.iter().cloned());
         let cmdline = cmdline.join(" ");
         let cpu = opts.cpu.clone().unwrap_or_else(|| match opts.accel {
@@ -617,6 +689,9 @@ impl Vm {
             argv.push("-gdb".into());
             argv.push(format!("unix:{},server=on,wait=off", sock.display()));
         }
+        if let Some(net) = &network {
+            argv.extend(network_qemu_args(net));
+        }
         for p in &plugins {
             argv.push("-plugin".into());
             argv.push(p.clone());
@@ -674,6 +749,7 @@ impl Vm {
             plugins,
             ring,
             gdb_socket,
+            network,
             qemu_pid: child.id(),
             qemu_argv: std::iter::once(qemu.display().to_string())
                 .chain(argv)
@@ -682,6 +758,7 @@ impl Vm {
             boot_to_ready_secs: None,
         };
         write_info(&info)?;
+        drop(lan_lock);
         let vm = Vm { info, cache };
 
         // From here on a failure must not leave QEMU behind or RAM in /dev/shm.
@@ -1102,6 +1179,114 @@ pub fn list_in(cache: &Path) -> Result<Vec<VmSummary>> {
     Ok(out)
 }
 
+/// 64-bit FNV-1a: a stable hash (std's `DefaultHasher` may change between
+/// Rust releases, and these values pick addresses that should not).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// The LAN's multicast port for the cache at `cache`.
+fn lan_port(cache: &Path) -> u16 {
+    let path = std::fs::canonicalize(cache).unwrap_or_else(|_| cache.to_path_buf());
+    LAN_PORT_BASE + (fnv1a(path.as_os_str().as_encoded_bytes()) % 256) as u16
+}
+
+/// The host number VM `name` prefers on the LAN, then the ones after it
+/// (wrapping): a VM usually gets the same address every time it starts,
+/// whatever order VMs start in.
+fn lan_candidates(name: &str) -> impl Iterator<Item = u8> {
+    let span = u64::from(LAN_LAST_HOST - LAN_FIRST_HOST) + 1;
+    let start = fnv1a(name.as_bytes()) % span;
+    (0..span).map(move |i| LAN_FIRST_HOST + ((start + i) % span) as u8)
+}
+
+/// The first of VM `name`'s [`lan_candidates`] that is not `taken`.
+fn pick_lan_host(name: &str, taken: &std::collections::BTreeSet<Ipv4Addr>) -> Option<u8> {
+    lan_candidates(name).find(|&h| !taken.contains(&lan_ip(h)))
+}
+
+fn lan_ip(host: u8) -> Ipv4Addr {
+    let [a, b, c, _] = LAN_NET.octets();
+    Ipv4Addr::new(a, b, c, host)
+}
+
+/// Picks VM `name`'s addresses: the first LAN address among
+/// [`lan_candidates`] that no running VM of this cache has. The returned
+/// lock must be held until `vm.json` records the address, because another
+/// `up` learns the addresses in use from those files.
+fn allocate_network(cache: &Path, name: &str) -> Result<(VmNetwork, FileLock)> {
+    let lock = FileLock::acquire(&vms_dir(cache).join(".lan.lock"))?;
+    let taken: std::collections::BTreeSet<Ipv4Addr> = list_in(cache)?
+        .into_iter()
+        .filter(|s| s.name != name && s.state == VmState::Running)
+        .filter_map(|s| s.info?.network.map(|n| n.lan_ip))
+        .collect();
+    let host = pick_lan_host(name, &taken).ok_or_else(|| {
+        LabError::Invalid(format!(
+            "all {} lab LAN addresses are taken by running VMs: stop one \
+                 (`vmwatch lab down NAME`) or start `{name}` without networking (--no-network)",
+            LAN_LAST_HOST - LAN_FIRST_HOST + 1
+        ))
+    })?;
+    let net = VmNetwork {
+        guest_ip: SLIRP_GUEST_IP,
+        host_ip: SLIRP_HOST_IP,
+        lan_ip: lan_ip(host),
+        lan_prefix_len: LAN_PREFIX_LEN,
+        // 52:54:00 is QEMU's prefix; 0x4d = 77, as in 10.77.
+        lan_mac: format!("52:54:00:4d:00:{host:02x}"),
+        lan_group: LAN_GROUP,
+        lan_port: lan_port(cache),
+    };
+    Ok((net, lock))
+}
+
+/// Kernel command-line arguments the guest's `/init` reads to configure
+/// its interfaces (see `image::guest`).
+fn network_cmdline(net: &VmNetwork) -> [String; 2] {
+    [
+        format!(
+            "vmwatch.net={}/24,{},{SLIRP_DNS_IP}",
+            net.guest_ip, net.host_ip
+        ),
+        format!("vmwatch.lan={}/{}", net.lan_ip, net.lan_prefix_len),
+    ]
+}
+
+/// QEMU arguments of the two NICs (virtio-net; the guest loads the driver).
+fn network_qemu_args(net: &VmNetwork) -> Vec<String> {
+    vec![
+        "-netdev".into(),
+        // IPv4 only: IPv6 router adverts would give the guest more
+        // addresses and traffic nobody asked for.
+        format!(
+            "user,id=host0,ipv6=off,net={SLIRP_NET}/24,host={},dns={SLIRP_DNS_IP}",
+            net.host_ip
+        ),
+        "-device".into(),
+        // romfile= : no PXE option ROM, the kernel is loaded directly.
+        format!(
+            "virtio-net-pci,netdev=host0,mac=52:54:00:12:34:56,addr={SLIRP_PCI_SLOT:#x},romfile="
+        ),
+        "-netdev".into(),
+        // local.host picks the interface for the group (IP_MULTICAST_IF):
+        // loopback, so LAN frames never leave the host; QEMU turns on
+        // IP_MULTICAST_LOOP so every VM on this host hears the others.
+        format!(
+            "dgram,id=lan0,remote.type=inet,remote.host={},remote.port={},\
+             local.type=inet,local.host=127.0.0.1,local.port=0",
+            net.lan_group, net.lan_port
+        ),
+        "-device".into(),
+        format!(
+            "virtio-net-pci,netdev=lan0,mac={},addr={LAN_PCI_SLOT:#x},romfile=",
+            net.lan_mac
+        ),
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1124,6 +1309,61 @@ mod tests {
         assert!(parse_mem("1M").is_err());
         assert!(parse_mem("12x").is_err());
         assert!(parse_mem("99999999999999G").is_err());
+    }
+
+    #[test]
+    fn lan_addresses() {
+        use std::collections::BTreeSet;
+        // Every usable host number once, the same order each time.
+        let all: Vec<u8> = lan_candidates("web1").collect();
+        assert_eq!(all.len(), 253);
+        assert_eq!(all.iter().collect::<BTreeSet<_>>().len(), 253);
+        assert!(all.iter().all(|h| (2..=254).contains(h)));
+        assert_eq!(all, lan_candidates("web1").collect::<Vec<_>>());
+
+        let mut taken = BTreeSet::new();
+        let first = pick_lan_host("web1", &taken).unwrap();
+        assert_eq!(first, all[0]);
+        // Taken by another running VM: the next one.
+        taken.insert(lan_ip(first));
+        assert_eq!(pick_lan_host("web1", &taken), Some(all[1]));
+        // All taken: none (the caller says to stop a VM or use --no-network).
+        taken.extend((2..=254).map(lan_ip));
+        assert_eq!(pick_lan_host("web1", &taken), None);
+    }
+
+    #[test]
+    fn network_arguments() {
+        let net = VmNetwork {
+            guest_ip: SLIRP_GUEST_IP,
+            host_ip: SLIRP_HOST_IP,
+            lan_ip: lan_ip(7),
+            lan_prefix_len: LAN_PREFIX_LEN,
+            lan_mac: "52:54:00:4d:00:07".into(),
+            lan_group: LAN_GROUP,
+            lan_port: 27701,
+        };
+        // What the guest's /init parses.
+        assert_eq!(
+            network_cmdline(&net),
+            [
+                "vmwatch.net=10.0.2.15/24,10.0.2.2,10.0.2.3".to_string(),
+                "vmwatch.lan=10.77.0.7/24".to_string()
+            ]
+        );
+        let args = network_qemu_args(&net).join(" ");
+        assert!(
+            args.contains("remote.host=239.77.0.1,remote.port=27701"),
+            "{args}"
+        );
+        assert!(args.contains("mac=52:54:00:4d:00:07,addr=0x11"), "{args}");
+        assert!(
+            args.contains("netdev=host0,mac=52:54:00:12:34:56,addr=0x10"),
+            "{args}"
+        );
+        // The port depends on the cache, within the range below the ephemeral ports.
+        let p = lan_port(Path::new("/nonexistent/cache"));
+        assert!((LAN_PORT_BASE..LAN_PORT_BASE + 256).contains(&p));
     }
 
     #[test]

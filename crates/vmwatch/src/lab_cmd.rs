@@ -58,6 +58,11 @@ pub enum LabCommand {
         /// Open QEMU's gdbstub (STATE_DIR/gdb.sock) for `vmwatch hook gdb`.
         #[arg(long)]
         gdbstub: bool,
+        /// No NICs (the guest has only lo). By default eth0 reaches the host
+        /// (10.0.2.2:PORT is the host's 127.0.0.1:PORT) and eth1 the other
+        /// lab VMs on 10.77.0.0/24 (addresses: `vmwatch lab info NAME`).
+        #[arg(long)]
+        no_network: bool,
         /// Seconds to wait for the guest agent.
         #[arg(long, default_value_t = 180)]
         timeout: u64,
@@ -136,6 +141,7 @@ pub fn run(cmd: LabCommand) -> Result<()> {
             plugins,
             no_hook,
             gdbstub,
+            no_network,
             timeout,
         } => {
             let mut opts = UpOptions::new(&name);
@@ -152,6 +158,7 @@ pub fn run(cmd: LabCommand) -> Result<()> {
             opts.plugins = plugins;
             opts.hook = !no_hook;
             opts.gdbstub = gdbstub;
+            opts.network = !no_network;
             opts.boot_timeout = Duration::from_secs(timeout);
             let vm = Vm::up(&opts)?;
             let i = vm.info();

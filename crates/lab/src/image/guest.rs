@@ -2,8 +2,11 @@
 //!
 //! Boot: the kernel runs `/init` (busybox sh), which mounts the pseudo
 //! filesystems, sets the hostname from `vmwatch.name=` on the kernel command
-//! line, brings `lo` up and hands PID 1 to busybox `init`. busybox init reaps
-//! orphans and respawns the agent on `/dev/ttyS1` (and a shell on the console).
+//! line, brings `lo` up, configures the NICs when the command line asks
+//! (`vmwatch.net=ADDR/LEN,GATEWAY,DNS` for eth0, `vmwatch.lan=ADDR/LEN` for
+//! eth1; see `vm::UpOptions::network`) and hands PID 1 to busybox `init`.
+//! busybox init reaps orphans and respawns the agent on `/dev/ttyS1` (and a
+//! shell on the console).
 
 /// `/init`.
 pub const INIT: &str = r#"#!/bin/sh
@@ -18,16 +21,46 @@ mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /tmp
 mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /run
 mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /dev/shm
 name=lab
+net=
+lan=
 for arg in $(cat /proc/cmdline); do
   case "$arg" in
     vmwatch.name=*) name="${arg#vmwatch.name=}" ;;
+    vmwatch.net=*) net="${arg#vmwatch.net=}" ;;
+    vmwatch.lan=*) lan="${arg#vmwatch.lan=}" ;;
   esac
 done
 hostname "$name"
 echo "$name" > /etc/hostname
 echo "127.0.0.1 localhost $name" > /etc/hosts
 ip link set lo up
-echo "vmwatch: guest $name init done at $(cut -d' ' -f1 /proc/uptime)s"
+# The NICs are virtio-net on PCI, modules in Debian's kernel; the host puts
+# the slirp NIC in a lower PCI slot than the LAN NIC, so it is eth0.
+# Without vmwatch.net/lan (networking off) nothing is loaded: only lo.
+# IPv6 stays off on them: the lab's traffic is what its tests send.
+netup() {
+  i=0
+  while [ ! -e "/sys/class/net/$1" ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
+  if [ ! -e "/sys/class/net/$1" ]; then
+    echo "vmwatch: no $1: the network is not configured" >&2
+    return 1
+  fi
+  echo 1 > "/proc/sys/net/ipv6/conf/$1/disable_ipv6"
+  ip addr add "$2" dev "$1" && ip link set "$1" up
+}
+if [ -n "$net$lan" ]; then
+  modprobe virtio_pci
+  modprobe virtio_net
+fi
+if [ -n "$net" ]; then
+  oldifs=$IFS; IFS=,; set -- $net; IFS=$oldifs
+  if netup eth0 "$1"; then
+    [ -n "$2" ] && ip route add default via "$2" dev eth0
+    [ -n "$3" ] && echo "nameserver $3" > /etc/resolv.conf
+  fi
+fi
+[ -n "$lan" ] && netup eth1 "$lan"
+echo "vmwatch: guest $name init done at $(cut -d' ' -f1 /proc/uptime)s${net:+, eth0 ${net%%,*}}${lan:+, eth1 $lan}"
 exec /usr/bin/busybox init
 "#;
 

@@ -41,8 +41,9 @@ pub const PACKAGES: [&str; 11] = [
 ];
 
 /// Kernel modules put in the image (plus their dependencies): `dummy` for
-/// module-list tests, NIC drivers and virtio transports for networking and
-/// host-guest channels later.
+/// module-list tests; `virtio_pci` and `virtio_net`, which `/init` loads for
+/// the lab VMs' NICs (see `guest::INIT`); other NIC drivers and virtio
+/// transports for host-guest channels later.
 pub const MODULES: [&str; 9] = [
     "dummy",
     "e1000",

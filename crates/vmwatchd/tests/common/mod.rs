@@ -299,6 +299,7 @@ impl FakeVm {
             plugins: Vec::new(),
             ring: Some(ring.clone()),
             gdb_socket: None,
+            network: None,
             qemu_pid: qemu.id(),
             qemu_argv: vec![format!("fake-qemu-{uuid}")],
             started_at_unix: 0,
