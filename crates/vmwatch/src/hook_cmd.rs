@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use events::{Filter, RingWriter};
 
 /// `vmwatch hook ...`
@@ -57,7 +57,7 @@ pub fn run(command: HookCommand) -> Result<()> {
     match command {
         HookCommand::Gdb(args) => gdb(&args),
         HookCommand::Release { vm } => {
-            let vm = lab::Vm::open(&vm).with_context(|| format!("no lab VM `{vm}`"))?;
+            let vm = lab::Vm::open(&vm)?;
             gdb_hook::GdbHook::release(&vm, Duration::from_secs(10))?;
             println!(
                 "VM `{}`: gdbstub breakpoints cleared, VM running",
@@ -69,7 +69,7 @@ pub fn run(command: HookCommand) -> Result<()> {
 }
 
 fn gdb(args: &GdbArgs) -> Result<()> {
-    let vm = lab::Vm::open(&args.vm).with_context(|| format!("no lab VM `{}`", args.vm))?;
+    let vm = lab::Vm::open(&args.vm)?;
     if vm.info().gdb_socket.is_none() {
         bail!(
             "VM `{0}` was started without a gdbstub: restart it with `vmwatch lab up {0} --gdbstub --no-hook`",

@@ -1,6 +1,7 @@
 //! `vmwatch`: a thin command line over the `vmi`, `lab`, `tracer` libraries
 //! and the `vmwatchd` daemon's API.
 
+mod hook_cmd;
 mod inspect_cmd;
 mod lab_cmd;
 mod trace_cmd;
@@ -50,6 +51,12 @@ enum Command {
     },
     /// Live strace-like stream of a lab VM's syscalls (needs the hook plugin loaded).
     Trace(trace_cmd::TraceArgs),
+    /// Syscall hooks without the TCG plugin: QEMU's gdbstub with hardware
+    /// breakpoints (the papers' mechanism, for KVM hosts).
+    Hook {
+        #[command(subcommand)]
+        command: hook_cmd::HookCommand,
+    },
     /// Talk to the running vmwatchd.
     Daemon {
         #[command(subcommand)]
@@ -89,6 +96,7 @@ fn main() {
         Command::Modules { target } => inspect_cmd::modules(&target),
         Command::Kernel { target } => inspect_cmd::kernel(&target),
         Command::Trace(args) => trace_cmd::run(args),
+        Command::Hook { command } => hook_cmd::run(command),
         Command::Daemon {
             command: DaemonCommand::Status { json },
         } => trace_cmd::daemon_client::status(json, &mut std::io::stdout().lock()),
