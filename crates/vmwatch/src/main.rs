@@ -1,6 +1,7 @@
 //! `vmwatch`: a thin command line over the `vmi`, `lab`, `tracer` libraries
 //! and the `vmwatchd` daemon's API.
 
+mod diffusion_cmd;
 mod hook_cmd;
 mod inspect_cmd;
 mod lab_cmd;
@@ -51,6 +52,17 @@ enum Command {
     },
     /// Live strace-like stream of a lab VM's syscalls (needs the hook plugin loaded).
     Trace(trace_cmd::TraceArgs),
+    /// Register confidential files whose spread vmwatchd tracks.
+    Track {
+        #[command(subcommand)]
+        command: diffusion_cmd::TrackCommand,
+    },
+    /// Where registered files' content went: the graph (now or at a past
+    /// time) and the delta log.
+    Diffusion {
+        #[command(subcommand)]
+        command: diffusion_cmd::DiffusionCommand,
+    },
     /// Syscall hooks without the TCG plugin: QEMU's gdbstub with hardware
     /// breakpoints (the papers' mechanism, for KVM hosts).
     Hook {
@@ -97,6 +109,8 @@ fn main() {
         Command::Kernel { target } => inspect_cmd::kernel(&target),
         Command::Trace(args) => trace_cmd::run(args),
         Command::Hook { command } => hook_cmd::run(command),
+        Command::Track { command } => diffusion_cmd::track(command),
+        Command::Diffusion { command } => diffusion_cmd::diffusion(command),
         Command::Daemon {
             command: DaemonCommand::Status { json },
         } => trace_cmd::daemon_client::status(json, &mut std::io::stdout().lock()),

@@ -12,6 +12,7 @@
 //! | `DELETE /v1/vms/{name}` | stop watching (filter back to `none`, ring released) |
 //! | `GET /v1/vms/{name}/trace?syscall=&pid=&comm=&fds=` | NDJSON stream of one VM's `TraceEvent`s |
 //! | `GET /v1/trace?...` | the same, all watched VMs merged |
+//! | `/v1/vms/{name}/track`, `/v1/vms/{name}/diffusion[/log]`, `/v1/diffusion/log` | diffusion tracking ([`crate::diffusion_api`]) |
 //!
 //! A stream's response headers are sent once the ring filters include the
 //! subscriber's syscalls, so a client may start its workload when it has
@@ -37,6 +38,8 @@ use tokio::sync::watch;
 use tracer::{Selection, State as EvState, TraceEvent};
 
 use crate::auth::{self, Token};
+use crate::diffusion::DiffusionService;
+use crate::diffusion_api as dapi;
 use crate::engine::Published;
 use crate::error::{ApiError, WatchError};
 use crate::registry::{Registry, Scope, StartRequest, Subscription};
@@ -49,15 +52,17 @@ const CHUNK: usize = 64 << 10;
 const FILTER_WAIT: Duration = Duration::from_secs(2);
 
 #[derive(Clone)]
-struct AppState {
-    registry: Arc<Registry>,
-    started: Instant,
+pub(crate) struct AppState {
+    pub registry: Arc<Registry>,
+    pub diffusion: Arc<DiffusionService>,
+    pub started: Instant,
 }
 
 /// All routes, behind the token check.
-pub fn router(registry: Arc<Registry>, token: Token) -> Router {
+pub fn router(registry: Arc<Registry>, diffusion: Arc<DiffusionService>, token: Token) -> Router {
     let state = AppState {
         registry,
+        diffusion,
         started: Instant::now(),
     };
     Router::new()
@@ -67,6 +72,15 @@ pub fn router(registry: Arc<Registry>, token: Token) -> Router {
         .route("/v1/vms/{name}/watch", post(watch_vm))
         .route("/v1/vms/{name}/trace", get(trace_vm))
         .route("/v1/trace", get(trace_all))
+        .route(
+            "/v1/vms/{name}/track",
+            get(dapi::track_list)
+                .post(dapi::track_add)
+                .delete(dapi::track_rm),
+        )
+        .route("/v1/vms/{name}/diffusion", get(dapi::graph))
+        .route("/v1/vms/{name}/diffusion/log", get(dapi::log_vm))
+        .route("/v1/diffusion/log", get(dapi::log_all))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
@@ -99,7 +113,7 @@ async fn get_vm(State(st): State<AppState>, Path(name): Path<String>) -> Respons
 }
 
 /// Runs blocking registry work (file and ring I/O, joins, boots) off the runtime.
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, WatchError> + Send + 'static,
 ) -> Result<T, ApiError> {
     match tokio::task::spawn_blocking(f).await {
@@ -358,7 +372,7 @@ async fn not_found(method: Method, uri: Uri) -> Response {
     ApiError::new(
         StatusCode::NOT_FOUND,
         format!(
-            "no endpoint {method} {}: see GET /v1/health, /v1/vms, /v1/vms/NAME/trace, /v1/trace",
+            "no endpoint {method} {}: see GET /v1/health, /v1/vms, /v1/vms/NAME/trace, /v1/trace, /v1/vms/NAME/track, /v1/vms/NAME/diffusion",
             uri.path()
         ),
     )

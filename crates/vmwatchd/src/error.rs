@@ -28,6 +28,8 @@ pub enum DaemonError {
     },
     #[error("server: {0}")]
     Serve(std::io::Error),
+    #[error("{0}")]
+    Diffusion(diffusion::DiffusionError),
 }
 
 impl DaemonError {

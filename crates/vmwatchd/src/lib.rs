@@ -12,6 +12,8 @@
 //! - [`engine`]: the narrow boundary engines implement ([`engine::Engine`]);
 //!   the tracer ([`engine::TracerEngine`]) is the first, later issues add the
 //!   diffusion tracker and the log vault on the same records.
+//! - [`diffusion`], [`diffusion_api`]: the diffusion tracker (one engine
+//!   for all VMs, its SQLite history under the state directory) and its routes.
 //! - [`api`]: the HTTP routes (`/v1/...`), NDJSON event streams.
 //! - [`auth`], [`paths`]: the bearer token, the state directory, the pid lock.
 //! - [`server`]: binding the unix socket (and optionally loopback TCP), the
@@ -23,6 +25,8 @@
 
 pub mod api;
 pub mod auth;
+pub mod diffusion;
+pub mod diffusion_api;
 pub mod engine;
 pub mod error;
 pub mod paths;

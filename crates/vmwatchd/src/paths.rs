@@ -4,7 +4,8 @@
 //! `<state dir>` is `--state-dir`, else `$VMWATCHD_DIR`, else
 //! `<lab cache>/vmwatchd` (`~/.cache/vmwatch/vmwatchd`): mode 0700, holding
 //! `vmwatchd.sock` (0600), `token` (0600) and `vmwatchd.pid` (locked while
-//! the daemon runs). The CLI's client finds the same files the same way.
+//! the daemon runs), and `diffusion/` (the diffusion history). The CLI's
+//! client finds the same files the same way.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -50,6 +51,11 @@ impl Paths {
 
     pub fn pid(&self) -> PathBuf {
         self.dir.join(PID)
+    }
+
+    /// The diffusion tracker's history (SQLite).
+    pub fn diffusion_dir(&self) -> PathBuf {
+        self.dir.join("diffusion")
     }
 
     /// Creates the directory (0700: the socket and token inside are private

@@ -361,6 +361,12 @@ impl Registry {
         inner.vms.get(name).map(|e| view(&inner, e))
     }
 
+    /// The filter `name`'s ring has now (what its pump last applied).
+    pub fn ring_filter(&self, name: &str) -> Option<Interest> {
+        let inner = lock(&self.inner);
+        inner.vms.get(name).map(|e| e.shared.ring_filter())
+    }
+
     /// Open trace streams.
     pub fn subscribers(&self) -> usize {
         lock(&self.inner).subs.len()

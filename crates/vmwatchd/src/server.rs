@@ -11,6 +11,8 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::auth::Token;
+use crate::diffusion::{DiffusionService, DiffusionVmEngine};
+use crate::engine::{Engine, EventSink, VmContext};
 use crate::error::DaemonError;
 use crate::paths::{Paths, PidLock};
 use crate::pump::PumpConfig;
@@ -117,7 +119,15 @@ pub async fn run_until(config: Config, mut stop: watch::Receiver<bool>) -> Resul
         None => None,
     };
 
-    let registry = Registry::new(&config.cache, config.pump, Box::new(default_engines));
+    let diffusion =
+        DiffusionService::open(&paths.diffusion_dir()).map_err(DaemonError::Diffusion)?;
+    let svc = Arc::clone(&diffusion);
+    let engines = move |ctx: &VmContext, sink: EventSink| -> Vec<Box<dyn Engine>> {
+        let mut v = default_engines(ctx, sink);
+        v.push(Box::new(DiffusionVmEngine::new(Arc::clone(&svc), ctx)));
+        v
+    };
+    let registry = Registry::new(&config.cache, config.pump, Box::new(engines));
     for name in &config.watch {
         let reg = Arc::clone(&registry);
         let n = name.clone();
@@ -155,7 +165,7 @@ pub async fn run_until(config: Config, mut stop: watch::Receiver<bool>) -> Resul
         config.cache.display()
     );
 
-    let app = crate::api::router(Arc::clone(&registry), token);
+    let app = crate::api::router(Arc::clone(&registry), diffusion, token);
     // On stop: first end the pumps and the streams (filters to `none`,
     // rings released), then let the servers finish their connections.
     let (closed_tx, closed_rx) = watch::channel(false);
