@@ -404,6 +404,9 @@ pub(crate) struct Vm {
     pub name: String,
     pub uuid: String,
     pub set: ManagedSet,
+    /// The graph as of now, kept up to date with every event, so the bulk
+    /// view of the present needs no replay of the history.
+    pub graph: GraphBuilder,
     pub aux: Aux,
     pub stats: Stats,
     pub overflow_reported: bool,
@@ -488,6 +491,7 @@ impl DiffusionEngine {
                 vm.uuid.clone_from(&ev.uuid);
             }
             vm.set.apply(&ev);
+            vm.graph.apply(&ev);
         })?;
         engine.seed_sockets();
         Ok(engine)
@@ -825,8 +829,12 @@ impl DiffusionEngine {
     /// The diffusion graph of `vm` as it stood at `at_ns` (wall-clock ns;
     /// `None`: now), objects that left before included and marked.
     pub fn graph(&self, vm: &str, at_ns: Option<i64>) -> Result<Graph, DiffusionError> {
-        if !self.index.contains_key(vm) {
+        let Some(&i) = self.index.get(vm) else {
             return Err(DiffusionError::UnknownVm(vm.to_string()));
+        };
+        // The present, or a time after the VM's last event: the live graph.
+        if at_ns.is_none_or(|t| t >= self.vms[i].graph.last_at_ns()) {
+            return Ok(self.vms[i].graph.snapshot(vm, at_ns));
         }
         let mut b = GraphBuilder::default();
         self.store
@@ -945,6 +953,7 @@ impl DiffusionEngine {
         };
         self.persist(&mut ev);
         vm.set.apply(&ev);
+        vm.graph.apply(&ev);
         self.out.push(ev);
     }
 

@@ -61,16 +61,19 @@ pub struct Graph {
     pub sends: Vec<SendEdge>,
 }
 
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub(crate) struct GraphBuilder {
     set: ManagedSet,
     nodes: Vec<Node>,
     sends: Vec<SendEdge>,
     live: HashMap<ObjectKey, usize>,
+    /// Time of the latest event applied.
+    last_at_ns: i64,
 }
 
 impl GraphBuilder {
     pub fn apply(&mut self, ev: &DeltaEvent) {
+        self.last_at_ns = self.last_at_ns.max(ev.at_ns);
         self.set.apply(ev);
         match &ev.change {
             Change::Added { object, info, edge } => {
@@ -136,6 +139,21 @@ impl GraphBuilder {
         }
     }
 
+    pub fn last_at_ns(&self) -> i64 {
+        self.last_at_ns
+    }
+
+    /// The graph so far, leaving the builder as it is.
+    pub fn snapshot(&self, vm: &str, at_ns: Option<i64>) -> Graph {
+        Graph {
+            vm: vm.to_string(),
+            at_ns,
+            registrations: self.set.registrations().cloned().collect(),
+            nodes: self.nodes.clone(),
+            sends: self.sends.clone(),
+        }
+    }
+
     pub fn finish(self, vm: &str, at_ns: Option<i64>) -> Graph {
         Graph {
             vm: vm.to_string(),
@@ -175,41 +193,50 @@ impl Graph {
                 format_time(r.since_ns)
             );
         }
-        let mut lines: BTreeMap<u64, String> = BTreeMap::new();
-        for n in &self.nodes {
-            let mut line = format!(
-                "{} +{} {}  {}",
-                format_time(n.since_ns),
-                n.object.kind(),
-                n.info.long_label(&n.object),
-                n.edge
-            );
-            if let Some(l) = &n.left {
-                let _ = write!(line, "  [left {} ({})]", format_time(l.at_ns), l.reason);
-            }
-            lines.insert(n.id, line);
-        }
-        for s in &self.sends {
-            let change = Change::Send {
-                by: s.by.clone(),
-                socket: None,
-                dst: s.dst.clone(),
-                to_vm: s.to_vm.clone(),
-                bytes: s.bytes,
-                calls: s.calls,
+        out.reserve(self.nodes.len() * 96);
+        // Nodes and sends are each in id order (the order they happened):
+        // merge them into one timeline.
+        let (mut ni, mut si) = (0, 0);
+        while ni < self.nodes.len() || si < self.sends.len() {
+            let node_first = match (self.nodes.get(ni), self.sends.get(si)) {
+                (Some(n), Some(s)) => n.id <= s.id,
+                (Some(_), None) => true,
+                _ => false,
             };
-            lines.insert(s.id, format!("{} {change}", format_time(s.at_ns)));
-        }
-        for l in lines.values() {
-            out.push_str(l);
+            if node_first {
+                let n = &self.nodes[ni];
+                ni += 1;
+                let _ = write!(
+                    out,
+                    "{} +{} {}  {}",
+                    format_time(n.since_ns),
+                    n.object.kind(),
+                    n.info.long_label(&n.object),
+                    n.edge
+                );
+                if let Some(l) = &n.left {
+                    let _ = write!(out, "  [left {} ({})]", format_time(l.at_ns), l.reason);
+                }
+            } else {
+                let s = &self.sends[si];
+                si += 1;
+                let change = Change::Send {
+                    by: s.by.clone(),
+                    socket: None,
+                    dst: s.dst.clone(),
+                    to_vm: s.to_vm.clone(),
+                    bytes: s.bytes,
+                    calls: s.calls,
+                };
+                let _ = write!(out, "{} {change}", format_time(s.at_ns));
+            }
             out.push('\n');
         }
         out
     }
 
     pub fn json(&self) -> String {
-        serde_json::to_string_pretty(self)
-            .unwrap_or_else(|e| format!("{{\"error\":{:?}}}", e.to_string()))
+        serde_json::to_string(self).unwrap_or_else(|e| format!("{{\"error\":{:?}}}", e.to_string()))
     }
 
     /// Graphviz: content flows along the arrows; objects that left are dashed

@@ -93,6 +93,10 @@ pub async fn run_until(config: Config, mut stop: watch::Receiver<bool>) -> Resul
     paths.create_dir()?;
     let lock = PidLock::acquire(&paths.pid())?;
     let token = Token::load_or_create(&paths.token())?;
+    // Before the socket: a history that cannot be read stops the daemon
+    // here, leaving the file as it is.
+    let diffusion =
+        DiffusionService::open(&paths.diffusion_dir()).map_err(DaemonError::Diffusion)?;
 
     let sock = paths.socket();
     // We hold the lock, so a socket file here is a dead daemon's.
@@ -119,8 +123,6 @@ pub async fn run_until(config: Config, mut stop: watch::Receiver<bool>) -> Resul
         None => None,
     };
 
-    let diffusion =
-        DiffusionService::open(&paths.diffusion_dir()).map_err(DaemonError::Diffusion)?;
     let svc = Arc::clone(&diffusion);
     let engines = move |ctx: &VmContext, sink: EventSink| -> Vec<Box<dyn Engine>> {
         let mut v = default_engines(ctx, sink);
