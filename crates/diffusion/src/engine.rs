@@ -815,6 +815,21 @@ impl DiffusionEngine {
         std::mem::take(&mut self.out)
     }
 
+    /// The thread-group ids of `vm`'s managed processes now.
+    pub fn processes(&self, vm: &str) -> Vec<u32> {
+        let Some(&i) = self.index.get(vm) else {
+            return Vec::new();
+        };
+        self.vms[i]
+            .set
+            .objects()
+            .filter_map(|o| match o.object {
+                ObjectKey::Process { tgid } => Some(tgid),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// The managed objects of `vm` now.
     pub fn current(&self, vm: &str) -> Vec<ManagedObject> {
         let mut v: Vec<ManagedObject> = self

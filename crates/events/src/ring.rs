@@ -13,9 +13,17 @@
 //!        256 dropped: records lost because the ring was full
 //!        264 unpaired: entries the plugin could not remember for pairing
 //!        272 records: records published
+//!        280 quieted: calls not recorded because of the quiet table
 //!        320 control: filter generation (u64), then the filter bitmap (8 x u64)
 //!        392 control: the fd filter bitmap (8 x u64): syscalls whose fds are
 //!            resolved to file identities
+//!        456 control: the quiet filter bitmap (8 x u64): syscalls not recorded
+//!            when the calling thread is in the quiet table
+//!        1024 control: the quiet table, 128 entries of (task u64, tgid u64):
+//!            thread-group leaders whose quiet syscalls the consumer does not
+//!            need (e.g. reads by a process the diffusion engine manages
+//!            already); task 0 = empty; an entry sits at most
+//!            `QUIET_PROBES` slots after `tgid % 128`
 //! 4096   capacity x 128-byte slots
 //! ```
 //!
@@ -55,7 +63,11 @@ use crate::syscalls::Filter;
 /// First 8 bytes of every ring file.
 pub const MAGIC: [u8; 8] = *b"VMWRING\0";
 /// Bumped on any layout or protocol change.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
+/// Entries of the quiet table.
+pub const QUIET_SLOTS: usize = 128;
+/// Slots a quiet-table lookup or insertion probes from `tgid % QUIET_SLOTS`.
+pub const QUIET_PROBES: usize = 8;
 /// Bytes per record slot.
 pub const RECORD_SIZE: usize = 128;
 /// Bytes before the first slot.
@@ -86,10 +98,15 @@ struct Header {
     dropped: AtomicU64,
     unpaired: AtomicU64,
     records: AtomicU64,
-    _pad3: [u8; 40],
+    quieted: AtomicU64,
+    _pad3: [u8; 32],
     filter_gen: AtomicU64,
     filter: [AtomicU64; 8],
     fds: [AtomicU64; 8],
+    quiet: [AtomicU64; 8],
+    _pad4: [u8; 504],
+    /// (task, tgid) pairs.
+    quiet_table: [[AtomicU64; 2]; QUIET_SLOTS],
 }
 
 const _: () = {
@@ -100,6 +117,8 @@ const _: () = {
     assert!(std::mem::offset_of!(Header, records) == 272);
     assert!(std::mem::offset_of!(Header, filter_gen) == 320);
     assert!(std::mem::offset_of!(Header, fds) == 392);
+    assert!(std::mem::offset_of!(Header, quiet) == 456);
+    assert!(std::mem::offset_of!(Header, quiet_table) == 1024);
     assert!(std::mem::size_of::<Header>() <= HEADER_SIZE);
 };
 
@@ -251,6 +270,33 @@ impl RingWriter {
     #[inline]
     pub fn wants_fds(&self, nr: u64) -> bool {
         bit(&self.m.header().fds, nr)
+    }
+
+    /// One call left out because [`RingWriter::is_quiet`] said so.
+    #[inline]
+    pub fn count_quieted(&self) {
+        self.m.header().quieted.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Whether syscall `nr` of the thread group leader `task` (thread group
+    /// `tgid`) is not needed: `nr` is in the quiet filter and (task, tgid)
+    /// in the quiet table. At most one load for syscalls outside the quiet
+    /// filter, `QUIET_PROBES` pairs of loads otherwise.
+    #[inline]
+    pub fn is_quiet(&self, nr: u64, task: u64, tgid: u32) -> bool {
+        let h = self.m.header();
+        if task == 0 || !bit(&h.quiet, nr) {
+            return false;
+        }
+        let start = tgid as usize % QUIET_SLOTS;
+        (0..QUIET_PROBES).any(|i| {
+            let e = &h.quiet_table[(start + i) % QUIET_SLOTS];
+            // The consumer clears `task` first and sets it last, so a task
+            // read here is never paired with a tgid of another entry's
+            // thread: the current thread's own (task, tgid) cannot match a
+            // half-written entry of another process.
+            e[0].load(Ordering::Acquire) == task && e[1].load(Ordering::Acquire) == u64::from(tgid)
+        })
     }
 
     /// Appends `rec` with its payload (its `seq` is ignored) and returns the
@@ -565,6 +611,76 @@ impl RingReader {
         h.filter_gen.fetch_add(1, Ordering::Release) + 1
     }
 
+    /// Replaces the quiet filter and table: records of `syscalls` made by a
+    /// thread group leader listed in `members` as (task, tgid) are not
+    /// written any more. Members that do not fit (more than `QUIET_PROBES`
+    /// colliding on one slot, or more than `QUIET_SLOTS`) stay recorded;
+    /// returns how many were placed.
+    pub fn set_quiet(&self, syscalls: &Filter, members: &[(u64, u32)]) -> usize {
+        let h = self.m.header();
+        let mut table = [(0u64, 0u32); QUIET_SLOTS];
+        let mut placed = 0;
+        for &(task, tgid) in members {
+            if task == 0 {
+                continue;
+            }
+            let start = tgid as usize % QUIET_SLOTS;
+            if let Some(i) = (0..QUIET_PROBES)
+                .map(|i| (start + i) % QUIET_SLOTS)
+                .find(|&i| table[i].0 == 0 || table[i] == (task, tgid))
+            {
+                if table[i].0 == 0 {
+                    placed += 1;
+                }
+                table[i] = (task, tgid);
+            }
+        }
+        // Filter first off for syscalls leaving it, last on for new ones.
+        for (word, value) in h.quiet.iter().zip(syscalls.words) {
+            word.fetch_and(value, Ordering::AcqRel);
+        }
+        for (e, &(task, tgid)) in h.quiet_table.iter().zip(table.iter()) {
+            if e[0].load(Ordering::Relaxed) == task
+                && e[1].load(Ordering::Relaxed) == u64::from(tgid)
+            {
+                continue;
+            }
+            e[0].store(0, Ordering::Release);
+            e[1].store(u64::from(tgid), Ordering::Release);
+            e[0].store(task, Ordering::Release);
+        }
+        for (word, value) in h.quiet.iter().zip(syscalls.words) {
+            word.store(value, Ordering::Release);
+        }
+        placed
+    }
+
+    /// Calls the plugin left out because of the quiet table.
+    pub fn quieted(&self) -> u64 {
+        self.m.header().quieted.load(Ordering::Relaxed)
+    }
+
+    /// The quiet filter and the members of the quiet table now.
+    pub fn quiet(&self) -> (Filter, Vec<(u64, u32)>) {
+        let h = self.m.header();
+        let mut f = Filter::NONE;
+        for (dst, src) in f.words.iter_mut().zip(&h.quiet) {
+            *dst = src.load(Ordering::Relaxed);
+        }
+        let members = h
+            .quiet_table
+            .iter()
+            .map(|e| {
+                (
+                    e[0].load(Ordering::Acquire),
+                    e[1].load(Ordering::Acquire) as u32,
+                )
+            })
+            .filter(|&(task, _)| task != 0)
+            .collect();
+        (f, members)
+    }
+
     /// Records the producers published in all.
     pub fn records(&self) -> u64 {
         self.m.header().records.load(Ordering::Relaxed)
@@ -697,6 +813,45 @@ mod tests {
     }
 
     #[test]
+    fn quiet_table() {
+        let p = tmp("quiet");
+        let w = RingWriter::create(&p, 8, "vm", &Filter::ALL, &Filter::NONE).unwrap();
+        let r = Ring::open(&p).unwrap();
+        let read = Filter::parse("read,pread64").unwrap();
+        const T: u64 = 0xffff_8880_0100_0000;
+        // Nothing is quiet in a new ring.
+        assert!(!w.is_quiet(0, T, 100));
+        assert_eq!(r.set_quiet(&read, &[(T, 100), (T + 0x1000, 228)]), 2);
+        assert!(w.is_quiet(0, T, 100) && w.is_quiet(17, T, 100));
+        assert!(w.is_quiet(0, T + 0x1000, 228));
+        w.count_quieted();
+        assert_eq!(r.quieted(), 1);
+        // Another syscall, another task with the same tgid (pid reused), a
+        // thread (task of another thread), task 0: recorded.
+        assert!(!w.is_quiet(1, T, 100));
+        assert!(!w.is_quiet(0, T + 0x2000, 100));
+        assert!(!w.is_quiet(0, T, 101));
+        assert!(!w.is_quiet(0, 0, 100));
+        // Colliding tgids share probes; past QUIET_PROBES they stay recorded.
+        let many: Vec<(u64, u32)> = (0..20u32)
+            .map(|i| (T + u64::from(i) * 0x1000, 5 + i * QUIET_SLOTS as u32))
+            .collect();
+        assert_eq!(r.set_quiet(&read, &many), QUIET_PROBES);
+        for (i, &(task, tgid)) in many.iter().enumerate() {
+            assert_eq!(w.is_quiet(0, task, tgid), i < QUIET_PROBES, "member {i}");
+        }
+        // Replaced, not added to: the earlier members are gone.
+        assert!(!w.is_quiet(0, T + 0x1000, 228));
+        let (f, m) = r.quiet();
+        assert_eq!(f, read);
+        assert_eq!(m.len(), QUIET_PROBES);
+        // Cleared.
+        assert_eq!(r.set_quiet(&Filter::NONE, &[]), 0);
+        assert!(!w.is_quiet(0, T, 5));
+        assert!(r.quiet().1.is_empty());
+    }
+
+    #[test]
     fn overflow_counts_drops_and_never_blocks() {
         let p = tmp("ovf");
         let w = RingWriter::create(&p, 4, "vm", &Filter::ALL, &Filter::NONE).unwrap();
@@ -803,9 +958,9 @@ mod tests {
         let e = Ring::open(&p).err().unwrap().to_string();
         assert_eq!(
             e,
-            format!("ring {} has format version 99, this build reads version 2: rebuild the plugin and vmwatch together", p.display())
+            format!("ring {} has format version 99, this build reads version {FORMAT_VERSION}: rebuild the plugin and vmwatch together", p.display())
         );
-        bytes[8] = 2;
+        bytes[8] = FORMAT_VERSION as u8;
         bytes[16] = 3; // capacity 3
         std::fs::write(&p, &bytes).unwrap();
         assert!(Ring::open(&p)

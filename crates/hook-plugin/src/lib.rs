@@ -747,6 +747,15 @@ unsafe extern "C" fn on_syscall(vcpu: c_uint, udata: *mut c_void) {
     let done = with_scratch(p, vcpu, |s| {
         // SAFETY: as above.
         unsafe {
+            let th = thread(p, s, &r, buf);
+            // A call the consumer said it does not need from this process
+            // (e.g. a read by a process already known to hold the secret).
+            if let Some((task, ids)) = &th {
+                if ids.pid == ids.tgid && p.ring.is_quiet(nr, *task, ids.tgid) {
+                    p.ring.count_quieted();
+                    return;
+                }
+            }
             // Only the argument registers this syscall uses: each read costs.
             let mut args = [0u64; 6];
             let used = p.arg_counts.get(nr as usize).map_or(6, |&n| usize::from(n));
@@ -759,7 +768,6 @@ unsafe extern "C" fn on_syscall(vcpu: c_uint, udata: *mut c_void) {
             }
             let cr3 = read(buf, r.cr3);
             let mut rec = Record::entry(vcpu, nr, args, cr3, udata as u64);
-            let th = thread(p, s, &r, buf);
             name_thread(&mut rec, th);
             s.payload.clear();
             if let Some((_, ids)) = &th {

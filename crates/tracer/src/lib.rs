@@ -233,6 +233,11 @@ impl Tracer {
         }
     }
 
+    /// Drops every entry waiting for its return (nobody listens any more).
+    pub fn forget_pending(&mut self) {
+        self.pending.clear();
+    }
+
     /// Unfinished events for entries blocked longer than [`UNFINISHED_AFTER`].
     pub fn tick(&mut self, now: Instant, out: &mut Vec<TraceEvent>) {
         let mut late = Vec::new();

@@ -24,12 +24,21 @@ use diffusion::{DeltaEvent, DiffusionEngine, DiffusionError, ObjectKey, OpenFile
 use events::Record;
 use tokio::sync::broadcast;
 
-use crate::engine::{Engine, Interest, VmContext};
+use crate::engine::{Engine, Interest, Quiet, VmContext};
 
 /// Delta events buffered for `diffusion log --follow` streams.
 pub const DELTA_CHANNEL: usize = 16384;
 /// How often each VM's processes and fds are compared with the managed set.
 pub const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// How often the quiet table is brought up to date with the managed set.
+pub const QUIET_EVERY: Duration = Duration::from_millis(100);
+/// Thread-group leaders remembered per VM (tgid -> task_struct).
+const MAX_LEADERS: usize = 65_536;
+
+/// Reads by a process that is managed already add nothing: the plugin may
+/// leave them out. (Socket receives stay recorded: their sender addresses
+/// link flows.)
+const QUIET_SYSCALLS: &str = "read,pread64,readv,preadv,preadv2";
 
 /// The engine shared by every VM's pump and the API.
 pub struct DiffusionService {
@@ -165,6 +174,12 @@ pub struct DiffusionVmEngine {
     next_sweep: Instant,
     /// Objects the last sweep found gone (removed when the next one agrees).
     suspects: BTreeSet<ObjectKey>,
+    /// tgid -> (the leader's task_struct, seen with another task since).
+    /// A tgid whose leader changed while it was managed (pid reuse after a
+    /// death the engine has not noticed yet) is never quieted.
+    leaders: HashMap<u32, (u64, bool)>,
+    quiet: Quiet,
+    next_quiet: Instant,
 }
 
 impl DiffusionVmEngine {
@@ -182,6 +197,64 @@ impl DiffusionVmEngine {
             guest_tried: false,
             next_sweep: Instant::now() + SWEEP_EVERY,
             suspects: BTreeSet::new(),
+            leaders: HashMap::new(),
+            quiet: Quiet {
+                syscalls: events::Filter::parse(QUIET_SYSCALLS).unwrap_or(events::Filter::NONE),
+                members: Vec::new(),
+                version: 0,
+            },
+            next_quiet: Instant::now(),
+        }
+    }
+
+    /// Remembers which task leads each thread group.
+    fn learn_leader(&mut self, rec: &Record) {
+        const EXIT_GROUP: u64 = 231;
+        if rec.nr == EXIT_GROUP && rec.has_task() {
+            // The group is gone; its tgid may lead another group next.
+            self.leaders.remove(&rec.tgid);
+            return;
+        }
+        if !rec.has_task() || rec.pid != rec.tgid || rec.task == 0 {
+            return;
+        }
+        match self.leaders.get_mut(&rec.tgid) {
+            Some((task, conflicted)) => {
+                if *task != rec.task {
+                    *conflicted = true;
+                }
+            }
+            None => {
+                if self.leaders.len() >= MAX_LEADERS {
+                    self.leaders.clear();
+                }
+                self.leaders.insert(rec.tgid, (rec.task, false));
+            }
+        }
+    }
+
+    /// The quiet table: managed processes whose leader is known for sure.
+    fn update_quiet(&mut self) {
+        let managed: BTreeSet<u32> = self
+            .svc
+            .engine()
+            .processes(&self.vm.name)
+            .into_iter()
+            .collect();
+        // A process that left management may come back as another one.
+        self.leaders
+            .retain(|tgid, (_, conflicted)| !*conflicted || managed.contains(tgid));
+        let mut members: Vec<(u64, u32)> = managed
+            .iter()
+            .filter_map(|tgid| match self.leaders.get(tgid) {
+                Some(&(task, false)) => Some((task, *tgid)),
+                _ => None,
+            })
+            .collect();
+        members.sort_unstable();
+        if members != self.quiet.members {
+            self.quiet.members = members;
+            self.quiet.version += 1;
         }
     }
 
@@ -276,10 +349,15 @@ impl Engine for DiffusionVmEngine {
         self.svc.interest()
     }
 
+    fn quiet(&self) -> Option<&Quiet> {
+        self.svc.active().then_some(&self.quiet)
+    }
+
     fn on_record(&mut self, _vm: &VmContext, rec: &Record, _now: Instant) {
         if !self.svc.active() {
             return;
         }
+        self.learn_leader(rec);
         let evs = self.svc.engine().on_record(&self.vm, rec);
         if !evs.is_empty() {
             self.svc.publish(evs);
@@ -293,6 +371,10 @@ impl Engine for DiffusionVmEngine {
         let evs = self.svc.engine().on_tick();
         if !evs.is_empty() {
             self.svc.publish(evs);
+        }
+        if now >= self.next_quiet {
+            self.next_quiet = now + QUIET_EVERY;
+            self.update_quiet();
         }
         if now >= self.next_sweep {
             self.next_sweep = now + SWEEP_EVERY;

@@ -48,6 +48,17 @@ impl Default for Interest {
     }
 }
 
+/// Calls an engine does not need from some processes, so the plugin can
+/// leave them out (see `events::RingReader::set_quiet`): `syscalls` made by
+/// the thread-group leaders in `members` (task_struct address, tgid).
+/// `version` changes whenever the rest does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quiet {
+    pub syscalls: Filter,
+    pub members: Vec<(u64, u32)>,
+    pub version: u64,
+}
+
 /// One engine of one VM. Called on that VM's pump thread only.
 pub trait Engine: Send {
     /// Short name for logs.
@@ -58,6 +69,13 @@ pub trait Engine: Send {
     /// so it may change at run time; keep it cheap.
     fn interest(&self) -> Interest {
         Interest::default()
+    }
+
+    /// Calls this engine does not need (`None`: it needs every call it asked
+    /// for). The pump quiets a call only if no subscriber and no other
+    /// engine needs it. Polled on every pump pass: keep it cheap.
+    fn quiet(&self) -> Option<&Quiet> {
+        None
     }
 
     /// One record, in ring order. Records of syscalls nobody asked for may
@@ -143,6 +161,8 @@ pub struct TracerEngine {
     /// Whether opening the guest resolver was tried (it is opened only when a
     /// record without a thread shows up: lab VMs' plugins name every thread).
     resolver_tried: bool,
+    /// No subscriber at the last record: events are not being built.
+    idle: bool,
 }
 
 impl TracerEngine {
@@ -152,6 +172,7 @@ impl TracerEngine {
             sink,
             out: Vec::new(),
             resolver_tried: false,
+            idle: false,
         }
     }
 
@@ -168,6 +189,18 @@ impl Engine for TracerEngine {
     }
 
     fn on_record(&mut self, vm: &VmContext, rec: &Record, now: Instant) {
+        // Nobody reads trace events (the records are here for another
+        // engine): building them would be most of the daemon's work in a
+        // syscall storm. Entries waiting for a return are forgotten; a later
+        // subscriber sees those returns as unpaired.
+        if !self.sink.listened() {
+            if !self.idle {
+                self.tracer.forget_pending();
+                self.idle = true;
+            }
+            return;
+        }
+        self.idle = false;
         if !rec.has_task() && !self.resolver_tried {
             self.resolver_tried = true;
             if let Some(info) = &vm.lab {
@@ -188,6 +221,9 @@ impl Engine for TracerEngine {
     }
 
     fn on_tick(&mut self, _vm: &VmContext, now: Instant) {
+        if self.idle {
+            return;
+        }
         self.tracer.tick(now, &mut self.out);
         self.flush();
     }

@@ -33,6 +33,8 @@ pub struct Shared {
     pub records: AtomicU64,
     pub dropped: AtomicU64,
     pub unpaired: AtomicU64,
+    /// Calls the plugin left out because an engine did not need them.
+    pub quieted: AtomicU64,
     /// Records the pump read from the ring.
     pub read: AtomicU64,
     /// Events the engines published.
@@ -54,6 +56,7 @@ impl Shared {
             records: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
             unpaired: AtomicU64::new(0),
+            quieted: AtomicU64::new(0),
             read: AtomicU64::new(0),
             published: Arc::new(AtomicU64::new(0)),
             want: Mutex::new(Interest::default()),
@@ -144,6 +147,7 @@ fn run(
 ) {
     let mut applied_gen = u64::MAX;
     let mut applied = Interest::default();
+    let mut quiet = AppliedQuiet::default();
     let mut last_tick = Instant::now();
     let mut last_alive = Instant::now();
     let mut last_dropped = reader.dropped();
@@ -160,6 +164,7 @@ fn run(
             &mut applied,
             ctx,
         );
+        apply_quiet(&reader, shared, &engines, &mut quiet);
         let now = Instant::now();
         let mut n = 0u64;
         for rec in reader.poll() {
@@ -171,6 +176,7 @@ fn run(
         shared.read.fetch_add(n, Ordering::Relaxed);
         shared.records.store(reader.records(), Ordering::Relaxed);
         shared.unpaired.store(reader.unpaired(), Ordering::Relaxed);
+        shared.quieted.store(reader.quieted(), Ordering::Relaxed);
         let dropped = reader.dropped();
         shared.dropped.store(dropped, Ordering::Relaxed);
         if dropped > last_dropped {
@@ -215,6 +221,7 @@ fn run(
         // Stopped watching a live VM: leave the guest at near-zero cost.
         reader.set_filter(&Filter::NONE);
         reader.set_fds(&Filter::NONE);
+        reader.set_quiet(&Filter::NONE, &[]);
         *lock(&shared.applied) = Interest::default();
     }
     // Unblock anyone waiting for a filter generation.
@@ -250,4 +257,46 @@ fn apply_filter(
         *applied_gen = gen;
         shared.applied_gen.store(gen, Ordering::Release);
     }
+}
+
+/// What the ring's quiet table holds now.
+#[derive(Default)]
+struct AppliedQuiet {
+    syscalls: Option<Filter>,
+    version: u64,
+}
+
+/// Puts the engines' quiet calls into the ring, less any syscall a
+/// subscriber wants to see (a trace of `read` must show every read).
+fn apply_quiet(
+    reader: &RingReader,
+    shared: &Shared,
+    engines: &[Box<dyn Engine>],
+    applied: &mut AppliedQuiet,
+) {
+    let subscribed = lock(&shared.want).syscalls;
+    let mut quiets = engines.iter().filter_map(|e| e.quiet());
+    let (mut syscalls, members, version) = match quiets.next() {
+        Some(q) => (q.syscalls, q.members.as_slice(), q.version),
+        None => (Filter::NONE, &[][..], 0),
+    };
+    // A second quieting engine would need the intersection of both; there
+    // is one today, so a second one simply turns quieting off.
+    if quiets.next().is_some() {
+        syscalls = Filter::NONE;
+    }
+    for (w, s) in syscalls.words.iter_mut().zip(subscribed.words) {
+        *w &= !s;
+    }
+    if applied.syscalls == Some(syscalls) && applied.version == version {
+        return;
+    }
+    let members: &[(u64, u32)] = if syscalls == Filter::NONE {
+        &[]
+    } else {
+        members
+    };
+    reader.set_quiet(&syscalls, members);
+    applied.syscalls = Some(syscalls);
+    applied.version = version;
 }

@@ -98,6 +98,9 @@ pub struct VmView {
     pub records: u64,
     pub dropped: u64,
     pub unpaired: u64,
+    /// Calls the plugin left out because no engine needed them (quiet table).
+    #[serde(default)]
+    pub quieted: u64,
     /// Records the daemon read, events its engines published.
     pub read: u64,
     pub events: u64,
@@ -586,6 +589,7 @@ fn view(inner: &Inner, e: &VmEntry) -> VmView {
         records: e.shared.records.load(Ordering::Relaxed),
         dropped: e.shared.dropped.load(Ordering::Relaxed),
         unpaired: e.shared.unpaired.load(Ordering::Relaxed),
+        quieted: e.shared.quieted.load(Ordering::Relaxed),
         read: e.shared.read.load(Ordering::Relaxed),
         events: e.shared.published.load(Ordering::Relaxed),
         subscribers: inner

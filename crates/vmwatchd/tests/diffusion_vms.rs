@@ -299,6 +299,44 @@ fn diffusion_in_one_vm() {
     // Both pipes leave once closed (the RAM sweep), the processes at exit.
     assert_eq!(removed(&evs).len(), 5, "{}", texts(&evs).join("\n"));
 
+    // Reads by a process that is managed already add nothing: after the
+    // first ones the plugin leaves them out (the quiet table), and what the
+    // process writes afterwards is still followed.
+    let quieted = |c: &DaemonClient| {
+        c.call("GET", &format!("/v1/vms/{name}"), None).unwrap()["quieted"]
+            .as_u64()
+            .unwrap()
+    };
+    let q0 = quieted(&c);
+    let mark = last_id(&c, &name);
+    let out = sh(
+        vm,
+        r#"python3 -c '
+import os, time
+print("pid=%d" % os.getpid(), flush=True)
+f = os.open("/root/secret.txt", os.O_RDONLY)
+t = time.time()
+while time.time() - t < 1.5:
+    os.pread(f, 1, 0)
+os.write(os.open("/root/after-loop.txt", os.O_WRONLY | os.O_CREAT), b"x")
+'"#,
+    );
+    let pid = value(&out, "pid");
+    let evs = wait_log(&c, &name, mark, Duration::from_secs(20), |e| {
+        !removed(e).is_empty()
+    });
+    assert_eq!(
+        added(&evs),
+        set(&[
+            format!("process {pid} python3"),
+            "file /root/after-loop.txt".into()
+        ]),
+        "{}",
+        texts(&evs).join("\n")
+    );
+    let q = quieted(&c) - q0;
+    assert!(q >= 1000, "only {q} reads left out by the quiet table");
+
     // python3 reads the secret and writes a new file; sendfile and
     // copy_file_range copies; sh redirections with an fd inherited across fork.
     let mark = last_id(&c, &name);
