@@ -31,6 +31,7 @@ impl DiffusionEngine {
         match rec.kind {
             Kind::Entry => self.on_entry(vm, rec),
             Kind::Return => self.on_return(vm, rec),
+            Kind::Log => {}
         }
     }
 

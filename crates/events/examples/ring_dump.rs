@@ -26,6 +26,16 @@ fn main() {
                 rec.tgid,
                 events::format::call(&rec, None)
             ),
+            events::Kind::Log => println!(
+                "{} v{} pid={} tgid={} log doorbell: {} of {} bytes at offset {}",
+                rec.seq,
+                rec.vcpu,
+                rec.pid,
+                rec.tgid,
+                rec.payload.len(),
+                rec.args[0],
+                rec.args[1]
+            ),
             events::Kind::Return => println!(
                 "{} v{} cr3={:#x} pid={} tgid={}   <- {} #{} = {} (rip {:#x})",
                 rec.seq,

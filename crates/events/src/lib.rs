@@ -21,7 +21,10 @@ pub mod ring;
 pub mod syscalls;
 
 pub use payload::{FileId, FileKind, Item, PayloadBuf};
-pub use record::{Kind, Record, FLAG_PAYLOAD_CUT, FLAG_TASK, NO_ENTRY};
+pub use record::{
+    Kind, Record, FLAG_PAYLOAD_CUT, FLAG_TASK, LOG_DOORBELL, LOG_DOORBELL_LEAF, LOG_MAX, LOG_SLICE,
+    NO_ENTRY,
+};
 pub use ring::{Ring, RingError, RingReader, RingWriter, FORMAT_VERSION, MAGIC};
 pub use syscalls::{Filter, FilterError};
 

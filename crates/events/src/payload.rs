@@ -26,6 +26,7 @@ const TAG_FILE: u8 = 4;
 const TAG_ARGV: u8 = 5;
 const TAG_FDS: u8 = 6;
 const TAG_UNREADABLE: u8 = 7;
+const TAG_DATA: u8 = 8;
 const CUT: u8 = 0x80;
 const ITEM_HEADER: usize = 4;
 const FILE_FIXED: usize = 16;
@@ -108,6 +109,8 @@ pub enum Item<'a> {
     File { arg: u8, file: FileId<'a> },
     /// The argument points to memory the plugin could not read (not mapped yet).
     Unreadable { arg: u8 },
+    /// Raw bytes (a slice of a log doorbell's buffer, [`crate::record::Kind::Log`]).
+    Data { arg: u8, bytes: &'a [u8], cut: bool },
 }
 
 impl Item<'_> {
@@ -120,7 +123,8 @@ impl Item<'_> {
             | Item::SockAddr { arg, .. }
             | Item::FdPair { arg, .. }
             | Item::File { arg, .. }
-            | Item::Unreadable { arg } => Some(arg),
+            | Item::Unreadable { arg }
+            | Item::Data { arg, .. } => Some(arg),
         }
     }
 }
@@ -192,6 +196,11 @@ impl<'a> Iterator for Items<'a> {
                     }
                 }
                 TAG_UNREADABLE => Item::Unreadable { arg },
+                TAG_DATA => Item::Data {
+                    arg,
+                    bytes: data,
+                    cut,
+                },
                 _ => continue, // unknown tag (newer plugin): skip it
             };
             return Some(item);
@@ -283,6 +292,11 @@ impl PayloadBuf {
     /// `execve`'s argv, NUL-separated; `fill` as for [`PayloadBuf::string`].
     pub fn argv(&mut self, arg: u8, max: usize, fill: impl FnOnce(&mut [u8]) -> (usize, bool)) {
         self.push_with(TAG_ARGV, arg, max, 1, fill);
+    }
+
+    /// Raw bytes written by `fill` (at most `max`); see [`Item::Data`].
+    pub fn data(&mut self, arg: u8, max: usize, fill: impl FnOnce(&mut [u8]) -> (usize, bool)) {
+        self.push_with(TAG_DATA, arg, max, 1, fill);
     }
 
     pub fn sockaddr(&mut self, arg: u8, bytes: &[u8], longer: bool) {

@@ -20,13 +20,33 @@ pub enum Kind {
     /// The kernel returning to user mode (`sysretq`, or `iretq` to CPL 3)
     /// for a task with a recorded entry.
     Return,
+    /// A slice of a log doorbell: user space executed `cpuid` with
+    /// `rax = LOG_DOORBELL_LEAF`, `rbx` = a buffer, `rcx` = its length (the
+    /// log vault's transfer, paper 002). `nr` is [`LOG_DOORBELL`]; `args`:
+    /// total length asked, this slice's offset, doorbell id (vCPU << 48 |
+    /// per-vCPU counter: the slices of one doorbell share it), buffer
+    /// address; the payload has the comm and an [`crate::Item::Data`] with
+    /// the bytes. A doorbell longer than [`LOG_MAX`] is cut (flag
+    /// [`FLAG_PAYLOAD_CUT`] on its last slice).
+    Log,
 }
+
+/// `rax` (32 bits) of the log doorbell's `cpuid`.
+pub const LOG_DOORBELL_LEAF: u32 = 0xffff;
+/// The pseudo syscall number of doorbell records: in the ring's filter it
+/// turns the doorbell on (beyond every x86-64 syscall number).
+pub const LOG_DOORBELL: u64 = 511;
+/// Most bytes taken from one doorbell (the guest library splits longer messages).
+pub const LOG_MAX: usize = 65536;
+/// Bytes of one doorbell slice (fits a record's payload with the comm).
+pub const LOG_SLICE: usize = 7936;
 
 impl Kind {
     pub(crate) fn to_raw(self) -> u8 {
         match self {
             Kind::Entry => 1,
             Kind::Return => 2,
+            Kind::Log => 3,
         }
     }
 
@@ -34,6 +54,7 @@ impl Kind {
         match raw {
             1 => Some(Kind::Entry),
             2 => Some(Kind::Return),
+            3 => Some(Kind::Log),
             _ => None,
         }
     }

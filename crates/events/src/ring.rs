@@ -63,7 +63,7 @@ use crate::syscalls::Filter;
 /// First 8 bytes of every ring file.
 pub const MAGIC: [u8; 8] = *b"VMWRING\0";
 /// Bumped on any layout or protocol change.
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
 /// Entries of the quiet table.
 pub const QUIET_SLOTS: usize = 128;
 /// Slots a quiet-table lookup or insertion probes from `tgid % QUIET_SLOTS`.

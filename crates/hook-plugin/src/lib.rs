@@ -77,6 +77,8 @@ const ARCH_SET_FS: u64 = 0x1002;
 #[derive(Clone, Copy)]
 struct Regs {
     rax: usize,
+    rbx: usize,
+    rcx: usize,
     rdi: usize,
     rsi: usize,
     rdx: usize,
@@ -285,6 +287,8 @@ unsafe extern "C" fn vcpu_init(_id: sys::qemu_plugin_id_t, vcpu: c_uint) {
             let regs = (|| {
                 Some(Regs {
                     rax: find("rax")?,
+                    rbx: find("rbx")?,
+                    rcx: find("rcx")?,
                     rdi: find("rdi")?,
                     rsi: find("rsi")?,
                     rdx: find("rdx")?,
@@ -337,6 +341,9 @@ unsafe extern "C" fn tb_trans(_id: sys::qemu_plugin_id_t, tb: *mut sys::qemu_plu
             let user = vaddr < USER_TOP;
             let (cb, gated): (sys::qemu_plugin_vcpu_udata_cb_t, bool) = match &bytes[..got.min(3)] {
                 [0x0f, 0x05] if user => (Some(on_syscall), false),
+                // The log doorbell (paper 002); any other cpuid returns at
+                // the first register read.
+                [0x0f, 0xa2] if user => (Some(on_cpuid), false),
                 [0x48, 0x0f, 0x07] if !user => (Some(on_sysret), true),
                 [0x48, 0xcf] if !user => (Some(on_iret), true),
                 _ => continue,
@@ -815,6 +822,75 @@ unsafe extern "C" fn on_syscall(vcpu: c_uint, udata: *mut c_void) {
                 // Dropped (counted by the ring): forget any older entry of this task
                 // so its return is not paired with the wrong call.
                 _ => p.pending.remove(key),
+            }
+        }
+    });
+    if done.is_none() {
+        p.skipped.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Counts log doorbells per vCPU, for their ids.
+static DOORBELLS: AtomicU64 = AtomicU64::new(0);
+
+/// Before a user-mode `cpuid`: the log doorbell when `eax` is
+/// [`events::LOG_DOORBELL_LEAF`] and the ring's filter has
+/// [`events::LOG_DOORBELL`]. Copies `rcx` bytes (at most [`events::LOG_MAX`])
+/// at `rbx` at this instant, from the calling process's memory, into
+/// records of [`events::LOG_SLICE`] bytes. The guest kernel is not on the
+/// path: the bytes are read by QEMU from the process's page tables.
+unsafe extern "C" fn on_cpuid(vcpu: c_uint, udata: *mut c_void) {
+    let Some((p, r, buf)) = context(vcpu) else {
+        return;
+    };
+    // SAFETY: registered with R_REGS; runs on `vcpu`'s own thread.
+    let leaf = unsafe { read(buf, r.rax) } as u32;
+    if leaf != events::LOG_DOORBELL_LEAF || !p.ring.wants(events::LOG_DOORBELL) {
+        return;
+    }
+    let done = with_scratch(p, vcpu, |s| {
+        // SAFETY: as above.
+        unsafe {
+            let addr = read(buf, r.rbx);
+            let asked = read(buf, r.rcx);
+            let cr3 = read(buf, r.cr3);
+            let th = thread(p, s, &r, buf);
+            let total = (asked as usize).min(events::LOG_MAX);
+            let id = (u64::from(vcpu) << 48)
+                | (DOORBELLS.fetch_add(1, Ordering::Relaxed) & 0xffff_ffff_ffff);
+            let mut off = 0usize;
+            // One record even for an empty message, so it is seen.
+            loop {
+                let n = (total - off).min(events::LOG_SLICE);
+                let mut rec = Record::entry(
+                    vcpu,
+                    events::LOG_DOORBELL,
+                    [asked, off as u64, id, addr, 0, 0],
+                    cr3,
+                    udata as u64,
+                );
+                rec.kind = events::Kind::Log;
+                name_thread(&mut rec, th);
+                s.payload.clear();
+                if let Some((_, ids)) = &th {
+                    s.payload.comm(ids.comm());
+                }
+                let mut ok = true;
+                s.payload.data(0, n, |b| {
+                    let n = n.min(b.len());
+                    // (Inside the callback's unsafe block: vCPU thread, R_REGS.)
+                    ok = read_mem(buf, addr.wrapping_add(off as u64), &mut b[..n]);
+                    (if ok { n } else { 0 }, false)
+                });
+                off += n;
+                let last = off >= total;
+                if !ok || (last && asked as usize > total) || s.payload.was_cut() {
+                    rec.flags |= FLAG_PAYLOAD_CUT;
+                }
+                p.ring.push_parts(&rec, s.payload.as_bytes());
+                if last || !ok {
+                    break;
+                }
             }
         }
     });

@@ -230,6 +230,8 @@ impl Tracer {
                 Some((entry, _, true)) => out.push(self.event(&entry, Some(rec), State::Resumed)),
                 None => out.push(self.event(rec, Some(rec), State::UnpairedReturn)),
             },
+            // Log doorbells are the log vault's, not syscalls.
+            Kind::Log => {}
         }
     }
 

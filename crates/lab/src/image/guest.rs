@@ -101,8 +101,15 @@ export PS1='\h:\w\$ '
 "#;
 
 /// Every guest file with its path and mode.
-pub fn files() -> [(&'static str, &'static str, u32); 7] {
+pub fn files() -> [(&'static str, &'static str, u32); 8] {
     [
+        // Every dynamically linked program loads the log-vault syslog
+        // library (built from SYSLOG_LIB_SOURCE at image build time).
+        (
+            "etc/ld.so.preload",
+            "/usr/lib/vmwatch/libvmwsyslog.so\n",
+            0o644,
+        ),
         ("init", INIT, 0o755),
         ("etc/inittab", INITTAB, 0o644),
         ("usr/sbin/vmwatch-agent-loop", AGENT_LOOP, 0o755),
@@ -112,3 +119,27 @@ pub fn files() -> [(&'static str, &'static str, u32); 7] {
         ("etc/shells", "/bin/sh\n/bin/bash\n", 0o644),
     ]
 }
+
+/// Where the syslog replacement library lives in the guest.
+pub const SYSLOG_LIB_PATH: &str = "usr/lib/vmwatch/libvmwsyslog.so";
+
+/// The source of the syslog replacement library (`guest/syslog`): compiled
+/// on the host (same glibc as the guest: both Debian bookworm) into the image.
+pub const SYSLOG_LIB_SOURCE: &str = include_str!("../../../../guest/syslog/vmwsyslog.c");
+
+/// Compiler flags of the library, as `guest/syslog/Makefile` has them.
+pub const SYSLOG_LIB_CFLAGS: [&str; 13] = [
+    "-O2",
+    "-fPIC",
+    "-shared",
+    "-Wall",
+    "-Wextra",
+    "-Werror",
+    "-fexceptions",
+    "-fvisibility=hidden",
+    "-Wl,-soname,libvmwsyslog.so",
+    "-Wl,-z,relro,-z,now",
+    "-x",
+    "c",
+    "-",
+];

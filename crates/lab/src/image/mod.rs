@@ -64,7 +64,7 @@ pub const ALTERNATIVES: [(&str, &str); 2] = [
 ];
 
 /// Bump when the build steps change in a way the inputs do not show.
-const RECIPE_VERSION: u32 = 3;
+const RECIPE_VERSION: u32 = 4;
 
 /// Which Debian kernel the image boots.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
@@ -273,6 +273,8 @@ fn recipe_fingerprint() -> String {
     for (path, text, mode) in guest::files() {
         s.push_str(&format!("{path} {mode:o}\n{text}\n"));
     }
+    s.push_str(guest::SYSLOG_LIB_SOURCE);
+    s.push_str(&guest::SYSLOG_LIB_CFLAGS.join(" "));
     s.push_str(&PACKAGES.join(","));
     s.push_str(&MODULES.join(","));
     for (link, target) in ALTERNATIVES {
@@ -379,6 +381,42 @@ pub fn build(opts: &BuildOptions) -> Result<BuildOutcome> {
     })
 }
 
+/// Compiles the log-vault syslog library (`guest/syslog/vmwsyslog.c`) with
+/// the host's gcc against the host's glibc (Debian bookworm, as the guest).
+fn build_syslog_lib(staging: &Path) -> Result<Vec<u8>> {
+    use std::io::Write;
+    require_tool("cc", "gcc")?;
+    let out = staging.join("libvmwsyslog.so");
+    let mut child = std::process::Command::new("cc")
+        .args(guest::SYSLOG_LIB_CFLAGS)
+        .arg("-o")
+        .arg(&out)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .at(Path::new("cc"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(guest::SYSLOG_LIB_SOURCE.as_bytes())
+            .at(Path::new("cc"))?;
+    }
+    let res = child.wait_with_output().at(Path::new("cc"))?;
+    if !res.status.success() {
+        return Err(LabError::BadFile {
+            path: PathBuf::from("guest/syslog/vmwsyslog.c"),
+            detail: format!(
+                "cc failed: {}",
+                String::from_utf8_lossy(&res.stderr)
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+            ),
+        });
+    }
+    std::fs::read(&out).at(&out)
+}
+
 /// Unpacks, assembles and archives into `staging/out`; returns that dir and
 /// the partly filled info (the caller adds fingerprints and timing).
 fn assemble(
@@ -431,6 +469,8 @@ fn assemble(
         rootfs::put_file(&root, path, text.as_bytes(), mode)?;
     }
     rootfs::put_file(&root, "usr/sbin/vmwatch-agent", agent, 0o755)?;
+    let syslog_lib = build_syslog_lib(staging)?;
+    rootfs::put_file(&root, guest::SYSLOG_LIB_PATH, &syslog_lib, 0o755)?;
     rootfs::alternatives(&root, &ALTERNATIVES)?;
     let links = rootfs::busybox_links(&root, &busybox_list)?;
     tracing::debug!("{links} busybox applet links");
