@@ -44,6 +44,9 @@ declare -A TOOLS=(
     [make]=make
     [pkg-config]=pkg-config
     [socat]=socat
+    [python3]=python3
+    [gdb]=gdb
+    [unshare]=util-linux
 )
 missing=()
 for tool in "${!TOOLS[@]}"; do

@@ -10,5 +10,7 @@ cargo fmt --all --check
 cargo clippy --workspace --all-targets --release -- -D warnings
 # The fuzz targets live outside the workspace; keep them compiling.
 cargo check -q --manifest-path fuzz/Cargo.toml --bins
+echo "== guest syslog library against the host's glibc (no VM)"
+make -s -C guest/syslog test
 echo "== tests (unit tests, then end-to-end tests that boot lab VMs under QEMU)"
 cargo test --workspace --release -- --test-threads=2
