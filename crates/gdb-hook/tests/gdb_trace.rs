@@ -555,6 +555,8 @@ fn normalize(recs: &[Record], tgid: u32) -> Vec<String> {
                 r.flags,
                 r.items().collect::<Vec<_>>()
             ),
+            // Log doorbells are the plugin's alone (cpuid is no breakpoint).
+            Kind::Log => format!("L {} bytes", r.payload.len()),
         })
         .collect()
 }
