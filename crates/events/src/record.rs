@@ -25,9 +25,13 @@ pub enum Kind {
     /// log vault's transfer, paper 002). `nr` is [`LOG_DOORBELL`]; `args`:
     /// total length asked, this slice's offset, doorbell id (vCPU << 48 |
     /// per-vCPU counter: the slices of one doorbell share it), buffer
-    /// address; the payload has the comm and an [`crate::Item::Data`] with
-    /// the bytes. A doorbell longer than [`LOG_MAX`] is cut (flag
-    /// [`FLAG_PAYLOAD_CUT`] on its last slice).
+    /// address, refused (the process's doorbells the plugin refused because
+    /// of the ring's log limit since its previous accepted one,
+    /// [`crate::RingReader::set_log_limit`]; on every slice; the count of a
+    /// process the plugin stopped tracking is only in
+    /// [`crate::RingReader::log_dropped`]); the payload has the comm and an
+    /// [`crate::Item::Data`] with the bytes. A doorbell longer than
+    /// [`LOG_MAX`] is cut (flag [`FLAG_PAYLOAD_CUT`] on its last slice).
     Log,
 }
 

@@ -19,6 +19,11 @@
 //!            resolved to file identities
 //!        456 control: the quiet filter bitmap (8 x u64): syscalls not recorded
 //!            when the calling thread is in the quiet table
+//!        520 control: log rate (u64): log doorbells per second the plugin
+//!            accepts from one process (token bucket; 0 = no limit)
+//!        528 control: log burst (u64): that bucket's size in doorbells
+//!        536 log dropped (u64): doorbells the plugin refused (rate limit),
+//!            all processes
 //!        1024 control: the quiet table, 128 entries of (task u64, tgid u64):
 //!            thread-group leaders whose quiet syscalls the consumer does not
 //!            need (e.g. reads by a process the diffusion engine manages
@@ -49,6 +54,10 @@
 //!
 //! The filter bitmap is read by the plugin on every syscall (one relaxed load)
 //! and written by the consumer ([`RingReader::set_filter`]); the generation counts changes.
+//! The log limit is read by the plugin on every log doorbell and written by the
+//! consumer ([`RingReader::set_log_limit`]); a refused doorbell writes no
+//! record: the plugin counts it in `log dropped` and reports it in the
+//! process's next accepted doorbell (see [`crate::Kind::Log`]).
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
@@ -104,7 +113,10 @@ struct Header {
     filter: [AtomicU64; 8],
     fds: [AtomicU64; 8],
     quiet: [AtomicU64; 8],
-    _pad4: [u8; 504],
+    log_rate: AtomicU64,
+    log_burst: AtomicU64,
+    log_dropped: AtomicU64,
+    _pad4: [u8; 480],
     /// (task, tgid) pairs.
     quiet_table: [[AtomicU64; 2]; QUIET_SLOTS],
 }
@@ -118,6 +130,9 @@ const _: () = {
     assert!(std::mem::offset_of!(Header, filter_gen) == 320);
     assert!(std::mem::offset_of!(Header, fds) == 392);
     assert!(std::mem::offset_of!(Header, quiet) == 456);
+    assert!(std::mem::offset_of!(Header, log_rate) == 520);
+    assert!(std::mem::offset_of!(Header, log_burst) == 528);
+    assert!(std::mem::offset_of!(Header, log_dropped) == 536);
     assert!(std::mem::offset_of!(Header, quiet_table) == 1024);
     assert!(std::mem::size_of::<Header>() <= HEADER_SIZE);
 };
@@ -347,6 +362,23 @@ impl RingWriter {
         slot.words[0].store(w + 1, Ordering::Release);
         h.records.fetch_add(1, Ordering::Relaxed);
         Some(w)
+    }
+
+    /// The log doorbell limit now: (doorbells per second per process, burst);
+    /// rate 0 = no limit. Two relaxed loads.
+    #[inline]
+    pub fn log_limit(&self) -> (u64, u64) {
+        let h = self.m.header();
+        (
+            h.log_rate.load(Ordering::Relaxed),
+            h.log_burst.load(Ordering::Relaxed),
+        )
+    }
+
+    /// One log doorbell refused because of the log limit.
+    #[inline]
+    pub fn count_log_dropped(&self) {
+        self.m.header().log_dropped.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts an entry the plugin could not keep for pairing (its table was full).
@@ -655,6 +687,31 @@ impl RingReader {
         placed
     }
 
+    /// Limits the log doorbells the plugin accepts from each process (thread
+    /// group) to `per_second` on average, in bursts of at most `burst` (a
+    /// token bucket per process, full when the plugin first sees the
+    /// process; a burst of 0 is taken as 1). `per_second` 0 lifts the limit.
+    /// Takes effect at the next doorbell.
+    pub fn set_log_limit(&self, per_second: u64, burst: u64) {
+        let h = self.m.header();
+        h.log_burst.store(burst, Ordering::Relaxed);
+        h.log_rate.store(per_second, Ordering::Relaxed);
+    }
+
+    /// The log limit now: (doorbells per second per process, burst).
+    pub fn log_limit(&self) -> (u64, u64) {
+        let h = self.m.header();
+        (
+            h.log_rate.load(Ordering::Relaxed),
+            h.log_burst.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Log doorbells the plugin refused because of the log limit (all processes).
+    pub fn log_dropped(&self) -> u64 {
+        self.m.header().log_dropped.load(Ordering::Relaxed)
+    }
+
     /// Calls the plugin left out because of the quiet table.
     pub fn quieted(&self) -> u64 {
         self.m.header().quieted.load(Ordering::Relaxed)
@@ -849,6 +906,40 @@ mod tests {
         assert_eq!(r.set_quiet(&Filter::NONE, &[]), 0);
         assert!(!w.is_quiet(0, T, 5));
         assert!(r.quiet().1.is_empty());
+    }
+
+    #[test]
+    fn log_limit_control() {
+        let p = tmp("loglimit");
+        let w = RingWriter::create(&p, 8, "vm", &Filter::ALL, &Filter::NONE).unwrap();
+        let r = Ring::open(&p).unwrap();
+        // A new ring has no limit and no refusals.
+        assert_eq!(
+            (w.log_limit(), r.log_limit(), r.log_dropped()),
+            ((0, 0), (0, 0), 0)
+        );
+        r.set_log_limit(50, 20);
+        assert_eq!((w.log_limit(), r.log_limit()), ((50, 20), (50, 20)));
+        w.count_log_dropped();
+        w.count_log_dropped();
+        assert_eq!(r.log_dropped(), 2);
+        r.set_log_limit(0, 0);
+        assert_eq!(w.log_limit(), (0, 0));
+        assert_eq!(r.log_dropped(), 2, "lifting the limit keeps the count");
+        // Only the log fields changed: the quiet table, the filters and the
+        // counters next to them are untouched, and the fields sit at the
+        // documented offsets of the file.
+        assert_eq!(r.quiet().1.len(), 0);
+        assert_eq!(r.filter(), Filter::ALL);
+        assert_eq!((r.dropped(), r.records(), r.quieted()), (0, 0, 0));
+        r.set_log_limit(0x0102_0304_0506_0708, 0x1112_1314_1516_1718);
+        w.count_log_dropped();
+        let bytes = std::fs::read(&p).unwrap();
+        let word = |off: usize| u64::from_le_bytes(bytes[off..off + 8].try_into().unwrap());
+        assert_eq!(word(520), 0x0102_0304_0506_0708);
+        assert_eq!(word(528), 0x1112_1314_1516_1718);
+        assert_eq!(word(536), 3);
+        assert!(bytes[544..1024].iter().all(|&b| b == 0));
     }
 
     #[test]

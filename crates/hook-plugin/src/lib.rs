@@ -158,6 +158,100 @@ struct Plugin {
     entries: AtomicU64,
     /// Argument registers each syscall number uses ([`events::format::arg_count`]).
     arg_counts: Box<[u8; 512]>,
+    /// Per-process token buckets of the log doorbell ([`LogLimiter`]).
+    log_limiter: Mutex<LogLimiter>,
+}
+
+/// Processes whose log doorbell buckets the plugin keeps at once.
+const LOG_BUCKETS: usize = 256;
+/// Token fractions per doorbell: bucket levels are kept in nano-doorbells so
+/// a refill of `elapsed_ns * rate` is exact in integers.
+const NANO: u64 = 1_000_000_000;
+/// [`LogLimiter`] key bit of a process the plugin could not name (keyed by
+/// its page-table root, `cr3 >> 12`, instead of its tgid).
+const KEY_CR3: u64 = 1 << 63;
+
+/// One process's log doorbell bucket.
+#[derive(Clone, Copy, Default)]
+struct LogBucket {
+    /// tgid, or `KEY_CR3 | cr3 >> 12`; meaningful only with `live`.
+    key: u64,
+    live: bool,
+    /// Nano-doorbells in the bucket as of `last_ns`.
+    level: u64,
+    /// Host monotonic ns of the last refill (= the process's last doorbell):
+    /// also the least-recently-used order.
+    last_ns: u64,
+    /// Doorbells refused since the process's last accepted one.
+    dropped: u64,
+}
+
+/// The log doorbell's rate limit: a token bucket per process (thread group)
+/// in a fixed table of [`LOG_BUCKETS`]; a process not in it takes the slot
+/// of the least recently seen one and starts with a full bucket. Never
+/// allocates. Doorbells are rare except in a flood, so one lock is enough.
+struct LogLimiter {
+    buckets: [LogBucket; LOG_BUCKETS],
+}
+
+impl Default for LogLimiter {
+    fn default() -> Self {
+        LogLimiter {
+            buckets: [LogBucket::default(); LOG_BUCKETS],
+        }
+    }
+}
+
+impl LogLimiter {
+    /// A doorbell of process `key` at `now_ns`, under the limit (`rate`
+    /// doorbells per second, `burst` at most at once; rate 0 = no limit):
+    /// `Some(refused since the process's previous accepted doorbell)` if it
+    /// may ring, `None` if refused (then counted in the process's bucket).
+    fn admit(&mut self, key: u64, now_ns: u64, rate: u64, burst: u64) -> Option<u64> {
+        let found = self.buckets.iter().position(|b| b.live && b.key == key);
+        if rate == 0 {
+            // No limit: only hand over what the process had refused before.
+            return Some(found.map_or(0, |i| std::mem::take(&mut self.buckets[i].dropped)));
+        }
+        let cap = burst.max(1).saturating_mul(NANO);
+        let b = match found {
+            Some(i) => {
+                let b = &mut self.buckets[i];
+                let elapsed = now_ns.saturating_sub(b.last_ns);
+                b.level = b
+                    .level
+                    .saturating_add(elapsed.saturating_mul(rate))
+                    .min(cap);
+                b.last_ns = b.last_ns.max(now_ns);
+                b
+            }
+            None => {
+                // An empty slot, else the least recently seen process's.
+                let i = self
+                    .buckets
+                    .iter()
+                    .enumerate()
+                    .min_by_key(|(_, b)| (b.live, b.last_ns))
+                    .map_or(0, |(i, _)| i);
+                let b = &mut self.buckets[i];
+                *b = LogBucket {
+                    key,
+                    live: true,
+                    level: cap,
+                    last_ns: now_ns,
+                    dropped: 0,
+                };
+                b
+            }
+        };
+        if b.level >= NANO {
+            b.level -= NANO;
+            Some(std::mem::take(&mut b.dropped))
+        } else {
+            b.dropped += 1;
+            None
+        }
+    }
 }
 
 static PLUGIN: OnceLock<Plugin> = OnceLock::new();
@@ -244,6 +338,7 @@ fn install(
         arg_counts: Box::new(std::array::from_fn(|nr| {
             events::format::arg_count(nr as u64) as u8
         })),
+        log_limiter: Mutex::new(LogLimiter::default()),
     };
     if PLUGIN.set(plugin).is_err() {
         return Err("loaded twice in one QEMU".to_string());
@@ -839,6 +934,12 @@ static DOORBELLS: AtomicU64 = AtomicU64::new(0);
 /// at `rbx` at this instant, from the calling process's memory, into
 /// records of [`events::LOG_SLICE`] bytes. The guest kernel is not on the
 /// path: the bytes are read by QEMU from the process's page tables.
+///
+/// Each process (by tgid; by page-table root when its thread cannot be
+/// named) may ring at the rate the ring's control area sets
+/// ([`events::RingReader::set_log_limit`], [`LogLimiter`]): a refused
+/// doorbell copies nothing and writes no record; it is counted in the ring's
+/// `log_dropped` and reported in `args[4]` of the process's next accepted one.
 unsafe extern "C" fn on_cpuid(vcpu: c_uint, udata: *mut c_void) {
     let Some((p, r, buf)) = context(vcpu) else {
         return;
@@ -851,10 +952,20 @@ unsafe extern "C" fn on_cpuid(vcpu: c_uint, udata: *mut c_void) {
     let done = with_scratch(p, vcpu, |s| {
         // SAFETY: as above.
         unsafe {
-            let addr = read(buf, r.rbx);
-            let asked = read(buf, r.rcx);
             let cr3 = read(buf, r.cr3);
             let th = thread(p, s, &r, buf);
+            let key = th.map_or(KEY_CR3 | cr3 >> 12, |(_, ids)| u64::from(ids.tgid));
+            let (rate, burst) = p.ring.log_limit();
+            let admitted = {
+                let mut limiter = p.log_limiter.lock().unwrap_or_else(|e| e.into_inner());
+                limiter.admit(key, events::now_ns(), rate, burst)
+            };
+            let Some(refused) = admitted else {
+                p.ring.count_log_dropped();
+                return;
+            };
+            let addr = read(buf, r.rbx);
+            let asked = read(buf, r.rcx);
             let total = (asked as usize).min(events::LOG_MAX);
             let id = (u64::from(vcpu) << 48)
                 | (DOORBELLS.fetch_add(1, Ordering::Relaxed) & 0xffff_ffff_ffff);
@@ -865,7 +976,7 @@ unsafe extern "C" fn on_cpuid(vcpu: c_uint, udata: *mut c_void) {
                 let mut rec = Record::entry(
                     vcpu,
                     events::LOG_DOORBELL,
-                    [asked, off as u64, id, addr, 0, 0],
+                    [asked, off as u64, id, addr, refused, 0],
                     cr3,
                     udata as u64,
                 );
@@ -993,5 +1104,66 @@ unsafe extern "C" fn at_exit(_id: sys::qemu_plugin_id_t, _udata: *mut c_void) {
             p.unnamed.load(Ordering::Relaxed),
             p.stale.load(Ordering::Relaxed)
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: u64 = 1_000_000_000;
+
+    #[test]
+    fn log_limiter_is_a_token_bucket_per_process() {
+        let mut l = LogLimiter::default();
+        let t0 = 5 * S;
+        // A new process starts with a full bucket: `burst` at once, then refused.
+        for _ in 0..20 {
+            assert_eq!(l.admit(7, t0, 50, 20), Some(0));
+        }
+        for _ in 0..3 {
+            assert_eq!(l.admit(7, t0, 50, 20), None);
+        }
+        // Another process is not affected.
+        assert_eq!(l.admit(8, t0, 50, 20), Some(0));
+        // 1/50 s refills one doorbell, which carries the 3 refused before it.
+        assert_eq!(l.admit(7, t0 + S / 100, 50, 20), None);
+        assert_eq!(l.admit(7, t0 + S / 50, 50, 20), Some(4));
+        assert_eq!(l.admit(7, t0 + S / 50, 50, 20), None);
+        // A long pause refills at most `burst`.
+        let t1 = t0 + 100 * S;
+        for _ in 0..20 {
+            assert!(l.admit(7, t1, 50, 20).is_some());
+        }
+        assert_eq!(l.admit(7, t1, 50, 20), None);
+        // Rate 0: no limit, and the pending refusals are handed over once.
+        assert_eq!(l.admit(7, t1, 0, 0), Some(1));
+        for _ in 0..1000 {
+            assert_eq!(l.admit(7, t1, 0, 0), Some(0));
+        }
+        // Burst 0 is taken as 1; a clock going back refills nothing.
+        assert_eq!(l.admit(9, t1, 1, 0), Some(0));
+        assert_eq!(l.admit(9, t1 - S, 1, 0), None);
+        assert_eq!(l.admit(9, t1 + S, 1, 0), Some(1));
+    }
+
+    #[test]
+    fn log_limiter_evicts_the_least_recently_seen() {
+        let mut l = LogLimiter::default();
+        // Process 1 empties its bucket, then LOG_BUCKETS others arrive later.
+        assert_eq!(l.admit(1, S, 1, 1), Some(0));
+        assert_eq!(l.admit(1, S, 1, 1), None);
+        for k in 0..LOG_BUCKETS as u64 - 1 {
+            assert_eq!(l.admit(100 + k, 2 * S + k, 1, 1), Some(0));
+        }
+        // Table full, process 1 still known (refused, not a fresh bucket).
+        assert_eq!(l.admit(1, S, 1, 1), None);
+        // One more: process 1 (least recently seen) goes, and comes back fresh.
+        assert_eq!(l.admit(99, 3 * S, 1, 1), Some(0));
+        assert_eq!(l.admit(1, 3 * S, 1, 1), Some(0));
+        // ... having taken the slot of process 100, now the oldest.
+        let known = |l: &LogLimiter, k: u64| l.buckets.iter().any(|b| b.live && b.key == k);
+        assert!(!known(&l, 100) && known(&l, 101) && known(&l, 99));
+        assert_eq!(l.buckets.iter().filter(|b| b.live).count(), LOG_BUCKETS);
     }
 }

@@ -5,6 +5,7 @@ mod diffusion_cmd;
 mod hook_cmd;
 mod inspect_cmd;
 mod lab_cmd;
+mod logs_cmd;
 mod trace_cmd;
 
 use clap::{Parser, Subcommand};
@@ -63,6 +64,9 @@ enum Command {
         #[command(subcommand)]
         command: diffusion_cmd::DiffusionCommand,
     },
+    /// Application logs kept outside the guest (the log vault): show, follow,
+    /// export (JSON, RFC 5424), verify.
+    Logs(logs_cmd::LogsArgs),
     /// Syscall hooks without the TCG plugin: QEMU's gdbstub with hardware
     /// breakpoints (the papers' mechanism, for KVM hosts).
     Hook {
@@ -109,6 +113,7 @@ fn main() {
         Command::Kernel { target } => inspect_cmd::kernel(&target),
         Command::Trace(args) => trace_cmd::run(args),
         Command::Hook { command } => hook_cmd::run(command),
+        Command::Logs(args) => logs_cmd::run(args),
         Command::Track { command } => diffusion_cmd::track(command),
         Command::Diffusion { command } => diffusion_cmd::diffusion(command),
         Command::Daemon {

@@ -13,6 +13,7 @@
 //! | `GET /v1/vms/{name}/trace?syscall=&pid=&comm=&fds=` | NDJSON stream of one VM's `TraceEvent`s |
 //! | `GET /v1/trace?...` | the same, all watched VMs merged |
 //! | `/v1/vms/{name}/track`, `/v1/vms/{name}/diffusion[/log]`, `/v1/diffusion/log` | diffusion tracking ([`crate::diffusion_api`]) |
+//! | `GET /v1/logs/stats` | the log vaults' counters per VM ([`crate::logvault`]) |
 //!
 //! A stream's response headers are sent once the ring filters include the
 //! subscriber's syscalls, so a client may start its workload when it has
@@ -42,6 +43,7 @@ use crate::diffusion::DiffusionService;
 use crate::diffusion_api as dapi;
 use crate::engine::Published;
 use crate::error::{ApiError, WatchError};
+use crate::logvault::VaultService;
 use crate::registry::{Registry, Scope, StartRequest, Subscription};
 
 /// An idle stream sends an empty line this often.
@@ -55,14 +57,21 @@ const FILTER_WAIT: Duration = Duration::from_secs(2);
 pub(crate) struct AppState {
     pub registry: Arc<Registry>,
     pub diffusion: Arc<DiffusionService>,
+    pub vault: Arc<VaultService>,
     pub started: Instant,
 }
 
 /// All routes, behind the token check.
-pub fn router(registry: Arc<Registry>, diffusion: Arc<DiffusionService>, token: Token) -> Router {
+pub fn router(
+    registry: Arc<Registry>,
+    diffusion: Arc<DiffusionService>,
+    vault: Arc<VaultService>,
+    token: Token,
+) -> Router {
     let state = AppState {
         registry,
         diffusion,
+        vault,
         started: Instant::now(),
     };
     Router::new()
@@ -81,6 +90,7 @@ pub fn router(registry: Arc<Registry>, diffusion: Arc<DiffusionService>, token: 
         .route("/v1/vms/{name}/diffusion", get(dapi::graph))
         .route("/v1/vms/{name}/diffusion/log", get(dapi::log_vm))
         .route("/v1/diffusion/log", get(dapi::log_all))
+        .route("/v1/logs/stats", get(log_stats))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
@@ -97,6 +107,15 @@ async fn health(State(st): State<AppState>) -> Response {
         "vms": vms.len(),
         "watching": vms.iter().filter(|v| v.state == "watching").count(),
         "subscribers": st.registry.subscribers(),
+    }))
+    .into_response()
+}
+
+/// The log vaults' counters per VM, and where the vaults are.
+async fn log_stats(State(st): State<AppState>) -> Response {
+    Json(serde_json::json!({
+        "dir": st.vault.dir(),
+        "vms": st.vault.stats(),
     }))
     .into_response()
 }

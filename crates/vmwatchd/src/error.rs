@@ -30,6 +30,8 @@ pub enum DaemonError {
     Serve(std::io::Error),
     #[error("{0}")]
     Diffusion(diffusion::DiffusionError),
+    #[error("log vault: {0}")]
+    Vault(logvault::VaultError),
 }
 
 impl DaemonError {

@@ -14,6 +14,8 @@
 //!   diffusion tracker and the log vault on the same records.
 //! - [`diffusion`], [`diffusion_api`]: the diffusion tracker (one engine
 //!   for all VMs, its SQLite history under the state directory) and its routes.
+//! - [`logvault`]: the log vault (guest syslog messages from the cpuid
+//!   doorbell into tamper-evident per-VM vaults).
 //! - [`api`]: the HTTP routes (`/v1/...`), NDJSON event streams.
 //! - [`auth`], [`paths`]: the bearer token, the state directory, the pid lock.
 //! - [`server`]: binding the unix socket (and optionally loopback TCP), the
@@ -29,6 +31,7 @@ pub mod diffusion;
 pub mod diffusion_api;
 pub mod engine;
 pub mod error;
+pub mod logvault;
 pub mod paths;
 pub mod pump;
 pub mod registry;

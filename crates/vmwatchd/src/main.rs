@@ -27,6 +27,17 @@ struct Args {
     /// Attach these lab VMs at start (repeatable).
     #[arg(long = "watch", value_name = "NAME")]
     watch: Vec<String>,
+    /// Log vault: fsync at most every N ms (0: after every record).
+    #[arg(long, default_value_t = 50)]
+    vault_fsync_ms: u64,
+    /// Log vault: sustained syslog messages per second accepted per guest
+    /// process (enforced in QEMU's plugin, before the ring, and again here);
+    /// the rest are refused and counted.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    log_rate: u32,
+    /// Log vault: messages a process may send at once above the rate.
+    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(1..))]
+    log_burst: u32,
     /// Milliseconds between ring polls when a ring is empty.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=1000))]
     poll_ms: u64,
@@ -52,6 +63,15 @@ fn main() {
     config.watch_all = args.watch_all;
     config.watch = args.watch;
     config.pump.idle_sleep = Duration::from_millis(args.poll_ms);
+    config.vault.fsync = if args.vault_fsync_ms == 0 {
+        logvault::Fsync::EveryRecord
+    } else {
+        logvault::Fsync::Interval(Duration::from_millis(args.vault_fsync_ms))
+    };
+    config.log_rate.per_second = args.log_rate;
+    config.log_rate.burst = args.log_burst;
+    config.pump.log_rate = u64::from(args.log_rate);
+    config.pump.log_burst = u64::from(args.log_burst);
     // Two workers: the API is light; the pumps have their own threads.
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -58,6 +58,16 @@ impl Paths {
         self.dir.join("diffusion")
     }
 
+    /// The log vaults, one directory per VM.
+    pub fn vault_dir(&self) -> PathBuf {
+        self.dir.join("vault")
+    }
+
+    /// The key that signs the vaults' checkpoints (0600).
+    pub fn vault_key(&self) -> PathBuf {
+        self.dir.join("vault.key")
+    }
+
     /// Creates the directory (0700: the socket and token inside are private
     /// to this user even before their own modes are set).
     pub fn create_dir(&self) -> Result<(), DaemonError> {

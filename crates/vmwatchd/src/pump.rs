@@ -35,6 +35,8 @@ pub struct Shared {
     pub unpaired: AtomicU64,
     /// Calls the plugin left out because an engine did not need them.
     pub quieted: AtomicU64,
+    /// Log doorbells the plugin refused (per-process limit).
+    pub log_refused: AtomicU64,
     /// Records the pump read from the ring.
     pub read: AtomicU64,
     /// Events the engines published.
@@ -57,6 +59,7 @@ impl Shared {
             dropped: AtomicU64::new(0),
             unpaired: AtomicU64::new(0),
             quieted: AtomicU64::new(0),
+            log_refused: AtomicU64::new(0),
             read: AtomicU64::new(0),
             published: Arc::new(AtomicU64::new(0)),
             want: Mutex::new(Interest::default()),
@@ -110,6 +113,10 @@ pub struct PumpConfig {
     pub tick: Duration,
     /// How often an idle pump checks that QEMU lives.
     pub alive_check: Duration,
+    /// Log doorbells per second and burst allowed per guest process, in
+    /// the plugin (before the ring: a flooder cannot crowd others out).
+    pub log_rate: u64,
+    pub log_burst: u64,
 }
 
 impl Default for PumpConfig {
@@ -118,6 +125,8 @@ impl Default for PumpConfig {
             idle_sleep: Duration::from_millis(2),
             tick: Duration::from_millis(50),
             alive_check: Duration::from_millis(100),
+            log_rate: 1000,
+            log_burst: 20_000,
         }
     }
 }
@@ -148,6 +157,7 @@ fn run(
     let mut applied_gen = u64::MAX;
     let mut applied = Interest::default();
     let mut quiet = AppliedQuiet::default();
+    reader.set_log_limit(config.log_rate, config.log_burst);
     let mut last_tick = Instant::now();
     let mut last_alive = Instant::now();
     let mut last_dropped = reader.dropped();
@@ -177,6 +187,9 @@ fn run(
         shared.records.store(reader.records(), Ordering::Relaxed);
         shared.unpaired.store(reader.unpaired(), Ordering::Relaxed);
         shared.quieted.store(reader.quieted(), Ordering::Relaxed);
+        shared
+            .log_refused
+            .store(reader.log_dropped(), Ordering::Relaxed);
         let dropped = reader.dropped();
         shared.dropped.store(dropped, Ordering::Relaxed);
         if dropped > last_dropped {

@@ -101,6 +101,9 @@ pub struct VmView {
     /// Calls the plugin left out because no engine needed them (quiet table).
     #[serde(default)]
     pub quieted: u64,
+    /// Log doorbells the plugin refused (per-process flood limit).
+    #[serde(default)]
+    pub log_refused: u64,
     /// Records the daemon read, events its engines published.
     pub read: u64,
     pub events: u64,
@@ -590,6 +593,7 @@ fn view(inner: &Inner, e: &VmEntry) -> VmView {
         dropped: e.shared.dropped.load(Ordering::Relaxed),
         unpaired: e.shared.unpaired.load(Ordering::Relaxed),
         quieted: e.shared.quieted.load(Ordering::Relaxed),
+        log_refused: e.shared.log_refused.load(Ordering::Relaxed),
         read: e.shared.read.load(Ordering::Relaxed),
         events: e.shared.published.load(Ordering::Relaxed),
         subscribers: inner

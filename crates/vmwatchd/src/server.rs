@@ -14,6 +14,7 @@ use crate::auth::Token;
 use crate::diffusion::{DiffusionService, DiffusionVmEngine};
 use crate::engine::{Engine, EventSink, VmContext};
 use crate::error::DaemonError;
+use crate::logvault::{LogVaultEngine, VaultService};
 use crate::paths::{Paths, PidLock};
 use crate::pump::PumpConfig;
 use crate::registry::{default_engines, Registry};
@@ -36,6 +37,8 @@ pub struct Config {
     /// `--watch-all` scan period.
     pub scan_every: Duration,
     pub pump: PumpConfig,
+    pub vault: logvault::VaultConfig,
+    pub log_rate: logvault::RateLimitConfig,
 }
 
 impl Config {
@@ -49,6 +52,8 @@ impl Config {
             watch: Vec::new(),
             scan_every: Duration::from_millis(1500),
             pump: PumpConfig::default(),
+            vault: logvault::VaultConfig::default(),
+            log_rate: crate::logvault::default_rate(),
         }
     }
 }
@@ -97,6 +102,13 @@ pub async fn run_until(config: Config, mut stop: watch::Receiver<bool>) -> Resul
     // here, leaving the file as it is.
     let diffusion =
         DiffusionService::open(&paths.diffusion_dir()).map_err(DaemonError::Diffusion)?;
+    let vault = VaultService::open(
+        &paths.vault_dir(),
+        &paths.vault_key(),
+        config.vault.clone(),
+        config.log_rate,
+    )
+    .map_err(DaemonError::Vault)?;
 
     let sock = paths.socket();
     // We hold the lock, so a socket file here is a dead daemon's.
@@ -124,9 +136,11 @@ pub async fn run_until(config: Config, mut stop: watch::Receiver<bool>) -> Resul
     };
 
     let svc = Arc::clone(&diffusion);
+    let vsvc = Arc::clone(&vault);
     let engines = move |ctx: &VmContext, sink: EventSink| -> Vec<Box<dyn Engine>> {
         let mut v = default_engines(ctx, sink);
         v.push(Box::new(DiffusionVmEngine::new(Arc::clone(&svc), ctx)));
+        v.push(Box::new(LogVaultEngine::new(Arc::clone(&vsvc), ctx)));
         v
     };
     let registry = Registry::new(&config.cache, config.pump, Box::new(engines));
@@ -167,7 +181,7 @@ pub async fn run_until(config: Config, mut stop: watch::Receiver<bool>) -> Resul
         config.cache.display()
     );
 
-    let app = crate::api::router(Arc::clone(&registry), diffusion, token);
+    let app = crate::api::router(Arc::clone(&registry), diffusion, vault, token);
     // On stop: first end the pumps and the streams (filters to `none`,
     // rings released), then let the servers finish their connections.
     let (closed_tx, closed_rx) = watch::channel(false);
