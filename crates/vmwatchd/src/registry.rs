@@ -618,6 +618,9 @@ pub fn filter_names(f: &Filter) -> String {
     (0..events::syscalls::FILTER_BITS as u64)
         .filter(|&nr| f.contains(nr))
         .map(|nr| {
+            if nr == events::LOG_DOORBELL {
+                return "log".to_string(); // the log vault's doorbell
+            }
             events::syscalls::name(nr)
                 .map(str::to_string)
                 .unwrap_or_else(|| nr.to_string())

@@ -129,7 +129,7 @@ fn trace_cli_with_and_without_the_daemon() {
     assert!(
         lines[2].starts_with("fake-f ")
             && lines[2].contains(" watching ")
-            && lines[2].ends_with(" none"),
+            && lines[2].ends_with(" log"),
         "{text}"
     );
     let mut out = Vec::new();
