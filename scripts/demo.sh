@@ -4,7 +4,8 @@
 # vmwatch reads from their RAM from outside: where the kernel is, processes,
 # open files, sockets and modules; then live syscalls through vmwatchd, and
 # the spread of a registered secret file across both VMs (diffusion
-# tracking). Leaves the VMs running with --keep.
+# tracking), and application logs kept in a tamper-evident vault outside
+# the guest. Leaves the VMs running with --keep.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -82,6 +83,20 @@ echo "--- vmwatch diffusion log (both VMs: one line per newly managed object, re
 $V diffusion log
 echo "--- vmwatch diffusion show --vm demo-db (the graph now; left objects marked)"
 $V diffusion show --vm demo-db
+echo
+echo "================ log vault: syslog() leaves the guest through the hypervisor, not its kernel ================"
+$V lab exec demo-web -- sh -c '
+python3 -c "import syslog; syslog.openlog(\"billing\", syslog.LOG_PID); syslog.syslog(\"invoice 4711 paid\"); syslog.syslog(syslog.LOG_WARNING, \"card declined for customer 42\")"
+rm -rf /var/log/*   # a root-kit wiping the local logs changes nothing outside
+python3 -c "import syslog; syslog.openlog(\"sshd\", syslog.LOG_PID); syslog.syslog(syslog.LOG_AUTH | syslog.LOG_INFO, \"Accepted password for root\")"
+' >/dev/null
+sleep 2
+echo "--- vmwatch logs --vm demo-web (the third process calls itself sshd but is python3: flagged)"
+$V logs --vm demo-web
+echo "--- vmwatch logs verify --vm demo-web"
+$V logs verify --vm demo-web
+echo "--- vmwatch logs --vm demo-web --rfc5424 (for a syslog collector)"
+$V logs --vm demo-web --rfc5424 | head -n 1
 echo "--- vmwatch daemon status"
 $V daemon status
 kill $daemon 2>/dev/null || true
