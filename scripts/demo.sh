@@ -91,7 +91,7 @@ rm -rf /var/log/*   # a root-kit wiping the local logs changes nothing outside
 python3 -c "import syslog; syslog.openlog(\"sshd\", syslog.LOG_PID); syslog.syslog(syslog.LOG_AUTH | syslog.LOG_INFO, \"Accepted password for root\")"
 ' >/dev/null
 sleep 2
-echo "--- vmwatch logs --vm demo-web (the third process calls itself sshd but is python3: flagged)"
+echo "--- vmwatch logs --vm demo-web (exe and uid read from guest RAM; a syslog tag that is not the sender's name, e.g. python3 calling itself sshd, is flagged)"
 $V logs --vm demo-web
 echo "--- vmwatch logs verify --vm demo-web"
 $V logs verify --vm demo-web

@@ -157,9 +157,10 @@ impl LogVaultEngine {
             return (i.exe.clone(), i.uid);
         }
         let now = Instant::now();
-        if self
-            .last_lookup
-            .is_some_and(|t| now.duration_since(t) < IDENTITY_REFRESH)
+        if self.guest_tried
+            && self
+                .last_lookup
+                .is_some_and(|t| now.duration_since(t) < IDENTITY_REFRESH)
         {
             return (None, None);
         }
@@ -342,6 +343,11 @@ impl Engine for LogVaultEngine {
     }
 
     fn on_tick(&mut self, ctx: &VmContext, now: Instant) {
+        // Open the guest's RAM early: a short-lived sender may be gone by
+        // the time its first message would otherwise pay for the opening.
+        if !self.guest_tried {
+            self.identity(ctx, 0);
+        }
         if let Some(v) = self.vault.as_mut() {
             if let Err(e) = v.tick(now) {
                 tracing::error!("{}: vault: {e}", ctx.name);
