@@ -116,6 +116,7 @@ async fn log_stats(State(st): State<AppState>) -> Response {
     Json(serde_json::json!({
         "dir": st.vault.dir(),
         "vms": st.vault.stats(),
+        "forward": st.vault.forward_stats(),
     }))
     .into_response()
 }

@@ -32,6 +32,8 @@ pub enum DaemonError {
     Diffusion(diffusion::DiffusionError),
     #[error("log vault: {0}")]
     Vault(logvault::VaultError),
+    #[error("--forward: {0}")]
+    Forward(String),
 }
 
 impl DaemonError {

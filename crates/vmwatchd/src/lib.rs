@@ -31,6 +31,7 @@ pub mod diffusion;
 pub mod diffusion_api;
 pub mod engine;
 pub mod error;
+pub mod forward;
 pub mod logvault;
 pub mod paths;
 pub mod pump;

@@ -22,6 +22,7 @@ use logvault::{LogRecord, RateLimitConfig, RateLimiter, Signer, Vault, VaultConf
 use serde::Serialize;
 
 use crate::engine::{Engine, Interest, VmContext};
+use crate::forward::Forwarder;
 
 /// Doorbells being joined per VM at most (one per vCPU normally).
 const MAX_PARTIAL: usize = 64;
@@ -61,6 +62,8 @@ pub struct VaultService {
     config: VaultConfig,
     rate: RateLimitConfig,
     stats: Mutex<HashMap<String, VaultStats>>,
+    /// Copies of every stored record for a remote collector.
+    forward: Option<Forwarder>,
 }
 
 impl VaultService {
@@ -70,6 +73,7 @@ impl VaultService {
         key: &Path,
         config: VaultConfig,
         rate: RateLimitConfig,
+        forward: Option<Forwarder>,
     ) -> Result<Arc<VaultService>, logvault::VaultError> {
         let signer = Signer::load_or_create(key)?;
         Ok(Arc::new(VaultService {
@@ -78,6 +82,18 @@ impl VaultService {
             config,
             rate,
             stats: Mutex::new(HashMap::new()),
+            forward,
+        }))
+    }
+
+    /// The forwarder's target and counters, if forwarding is on.
+    pub fn forward_stats(&self) -> Option<serde_json::Value> {
+        let f = self.forward.as_ref()?;
+        Some(serde_json::json!({
+            "target": f.target,
+            "sent": f.stats.sent.load(std::sync::atomic::Ordering::Relaxed),
+            "dropped": f.stats.dropped.load(std::sync::atomic::Ordering::Relaxed),
+            "reconnects": f.stats.reconnects.load(std::sync::atomic::Ordering::Relaxed),
         }))
     }
 
@@ -242,15 +258,20 @@ impl LogVaultEngine {
             return;
         };
         match vault.append(rec) {
-            Ok(_) => self.svc.update(&ctx.name, |s| {
-                s.stored += 1;
-                if flags & logvault::FLAG_TAG_MISMATCH != 0 {
-                    s.mismatched += 1;
+            Ok(stored) => {
+                if let Some(f) = &self.svc.forward {
+                    f.send(logvault::rfc5424(&stored, &ctx.name));
                 }
-                if flags & logvault::FLAG_CUT != 0 {
-                    s.cut += 1;
-                }
-            }),
+                self.svc.update(&ctx.name, |s| {
+                    s.stored += 1;
+                    if flags & logvault::FLAG_TAG_MISMATCH != 0 {
+                        s.mismatched += 1;
+                    }
+                    if flags & logvault::FLAG_CUT != 0 {
+                        s.cut += 1;
+                    }
+                })
+            }
             Err(e) => {
                 tracing::error!("{}: vault append failed: {e}", ctx.name);
                 self.svc.update(&ctx.name, |s| {

@@ -38,6 +38,10 @@ struct Args {
     /// Log vault: messages a process may send at once above the rate.
     #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(1..))]
     log_burst: u32,
+    /// Forward every stored log record to a syslog collector: tcp://HOST:PORT
+    /// (RFC 5424, octet-counting framing).
+    #[arg(long, value_name = "URL")]
+    forward: Option<String>,
     /// Milliseconds between ring polls when a ring is empty.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=1000))]
     poll_ms: u64,
@@ -70,6 +74,7 @@ fn main() {
     };
     config.log_rate.per_second = args.log_rate;
     config.log_rate.burst = args.log_burst;
+    config.forward = args.forward;
     config.pump.log_rate = u64::from(args.log_rate);
     config.pump.log_burst = u64::from(args.log_burst);
     // Two workers: the API is light; the pumps have their own threads.

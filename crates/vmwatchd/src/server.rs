@@ -39,6 +39,8 @@ pub struct Config {
     pub pump: PumpConfig,
     pub vault: logvault::VaultConfig,
     pub log_rate: logvault::RateLimitConfig,
+    /// Forward every stored log record to this collector (`tcp://HOST:PORT`).
+    pub forward: Option<String>,
 }
 
 impl Config {
@@ -54,6 +56,7 @@ impl Config {
             pump: PumpConfig::default(),
             vault: logvault::VaultConfig::default(),
             log_rate: crate::logvault::default_rate(),
+            forward: None,
         }
     }
 }
@@ -102,11 +105,16 @@ pub async fn run_until(config: Config, mut stop: watch::Receiver<bool>) -> Resul
     // here, leaving the file as it is.
     let diffusion =
         DiffusionService::open(&paths.diffusion_dir()).map_err(DaemonError::Diffusion)?;
+    let forward = match &config.forward {
+        Some(url) => Some(crate::forward::Forwarder::start(url).map_err(DaemonError::Forward)?),
+        None => None,
+    };
     let vault = VaultService::open(
         &paths.vault_dir(),
         &paths.vault_key(),
         config.vault.clone(),
         config.log_rate,
+        forward,
     )
     .map_err(DaemonError::Vault)?;
 
