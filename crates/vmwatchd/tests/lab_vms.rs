@@ -120,7 +120,7 @@ fn one_daemon_seven_vms() {
     assert_eq!(ours.len(), 7);
     assert!(ours
         .iter()
-        .all(|v| v["state"] == "watching" && v["filter"] == "openat"));
+        .all(|v| v["state"] == "watching" && v["filter"] == "openat,log"));
 
     // Each guest opens /etc/hostname; the guest prints the pid that did.
     let mut expected = Vec::new();
