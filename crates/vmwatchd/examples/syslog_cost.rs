@@ -166,6 +166,70 @@ fn main() -> Result<()> {
         vm,
         "[ -e /etc/ld.so.preload.off ] && mv /etc/ld.so.preload.off /etc/ld.so.preload; true",
     )?;
+    // A web server that logs every request through syslog (python3's
+    // http.server), and a client in the same guest fetching a 1 KiB file
+    // for a fixed time: requests per second with and without the library.
+    let server = r#"cat > /root/web.py <<'PY'
+import socket, syslog, os
+syslog.openlog("web", syslog.LOG_PID)
+body = b"x" * 1024
+head = b"HTTP/1.0 200 OK\r\nContent-Length: 1024\r\n\r\n"
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", 8088)); s.listen(64)
+while True:
+    c, a = s.accept()
+    req = c.recv(4096).split(b"\r\n", 1)[0].decode(errors="replace")
+    c.sendall(head + body)
+    c.close()
+    syslog.syslog(syslog.LOG_INFO, "%s:%d \"%s\" 200 1024" % (a[0], a[1], req))
+PY"#;
+    sh(vm, server)?;
+    let web_round = |vm: &Vm| -> Result<f64> {
+        let out = sh(
+            vm,
+            r#"python3 /root/web.py >/dev/null 2>&1 & w=$!; sleep 1.5
+python3 -c '
+import socket, time
+n = 0; t = time.time()
+while time.time() - t < 5:
+    c = socket.create_connection(("127.0.0.1", 8088))
+    c.sendall(b"GET /f1k HTTP/1.0\r\n\r\n")
+    got = b""
+    while True:
+        x = c.recv(4096)
+        if not x: break
+        got += x
+    c.close(); n += 1
+print(n / (time.time() - t))
+'
+kill $w"#,
+        )?;
+        Ok(out.trim().parse()?)
+    };
+    let (mut with_w, mut without_w) = (vec![], vec![]);
+    for _ in 0..rounds {
+        for preload in [true, false] {
+            sh(
+                vm,
+                if preload {
+                    "[ -e /etc/ld.so.preload.off ] && mv /etc/ld.so.preload.off /etc/ld.so.preload; true"
+                } else {
+                    "mv /etc/ld.so.preload /etc/ld.so.preload.off"
+                },
+            )?;
+            std::thread::sleep(Duration::from_secs(1));
+            let r = web_round(vm)?;
+            if preload {
+                with_w.push(r);
+            } else {
+                without_w.push(r);
+            }
+        }
+    }
+    sh(
+        vm,
+        "[ -e /etc/ld.so.preload.off ] && mv /etc/ld.so.preload.off /etc/ld.so.preload; true",
+    )?;
     let client = daemon_client::DaemonClient::discover_in(&state)?.context("daemon")?;
     let stats = client.call("GET", "/v1/logs/stats", None)?;
     // SAFETY: kill() has no memory-safety preconditions; the pid is our child's.
@@ -188,6 +252,11 @@ fn main() -> Result<()> {
     println!(
         "| getppid() | {wop:.0} | {wp:.0} | {:+.1} % |",
         (wp / wop - 1.0) * 100.0
+    );
+    let (ww, wow) = (median(with_w), median(without_w));
+    println!(
+        "| web server, requests/s, each logged via syslog | {wow:.1} | {ww:.1} | {:.1} % of baseline |",
+        ww / wow * 100.0
     );
     println!();
     println!("vault stats: {}", stats["vms"][vm.name()]);
