@@ -756,33 +756,27 @@ impl DiffusionEngine {
                 vm.aux.procs.insert(child, ProcAux { comm: None, ..pa });
             }
         }
+        // Pending socketpairs and shared mappings are the child's too.
         let cap = self.config.limits.helper_entries_per_vm;
-        let pairs: Vec<PendingPair> = vm
-            .aux
-            .pairs
-            .iter()
-            .filter(|p| p.tgid == parent.tgid)
-            .map(|p| PendingPair {
-                tgid: child,
-                ..p.clone()
-            })
-            .collect();
-        for p in pairs {
-            push_bounded(&mut vm.aux.pairs, p, cap, &mut vm.aux.queue_dropped);
-        }
-        let maps: Vec<Mapping> = vm
-            .aux
-            .mappings
-            .iter()
-            .filter(|m| m.tgid == parent.tgid)
-            .map(|m| Mapping {
-                tgid: child,
-                ..m.clone()
-            })
-            .collect();
-        for m in maps {
-            push_bounded(&mut vm.aux.mappings, m, cap, &mut vm.aux.queue_dropped);
-        }
+        let dropped = &mut vm.aux.queue_dropped;
+        inherit(
+            &mut vm.aux.pairs,
+            parent.tgid,
+            child,
+            cap,
+            dropped,
+            |p| p.tgid,
+            |p, t| p.tgid = t,
+        );
+        inherit(
+            &mut vm.aux.mappings,
+            parent.tgid,
+            child,
+            cap,
+            dropped,
+            |m| m.tgid,
+            |m, t| m.tgid = t,
+        );
         if !parent_managed {
             return;
         }
@@ -1279,6 +1273,31 @@ impl DiffusionEngine {
             _ => comm.to_string(),
         };
         ProcRef { tgid, comm }
+    }
+}
+
+/// Appends to `queue` a copy, owned by `child`, of every entry `parent` owns
+/// (bounded like every helper queue).
+fn inherit<T: Clone>(
+    queue: &mut std::collections::VecDeque<T>,
+    parent: u32,
+    child: u32,
+    cap: usize,
+    dropped: &mut u64,
+    owner: impl Fn(&T) -> u32,
+    set_owner: impl Fn(&mut T, u32),
+) {
+    let copies: Vec<T> = queue
+        .iter()
+        .filter(|e| owner(e) == parent)
+        .map(|e| {
+            let mut e = e.clone();
+            set_owner(&mut e, child);
+            e
+        })
+        .collect();
+    for e in copies {
+        push_bounded(queue, e, cap, dropped);
     }
 }
 
