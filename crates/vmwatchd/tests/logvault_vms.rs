@@ -181,6 +181,23 @@ fn reassemble(msgs: &[Vec<u8>]) -> Vec<Vec<u8>> {
     out
 }
 
+/// A 512 MiB lab VM named `t-TAG<pid>`.
+fn boot(tag: &str) -> Guard {
+    let mut opts = UpOptions::new(&format!("t-{tag}{}", std::process::id()));
+    opts.mem_bytes = 512 << 20;
+    Guard(Vm::up(&opts).expect("boot (run scripts/setup.sh)"))
+}
+
+/// The number of the `KEY=N` line the guest printed.
+fn value(out: &str, key: &str) -> u32 {
+    out.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("{key}= in {out}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
 fn find(h: &[u8], n: &[u8]) -> Option<usize> {
     h.windows(n.len()).position(|w| w == n)
 }
@@ -188,9 +205,7 @@ fn find(h: &[u8], n: &[u8]) -> Option<usize> {
 #[test]
 fn every_message_reaches_the_vault_once_and_intact() {
     let root = TempRoot::new("vault");
-    let mut opts = UpOptions::new(&format!("t-lv{}", std::process::id()));
-    opts.mem_bytes = 512 << 20;
-    let vm = Guard(Vm::up(&opts).expect("boot (run scripts/setup.sh)"));
+    let vm = boot("lv");
     let vm = &vm.0;
     let name = vm.name().to_string();
     let state = root.0.join("state");
@@ -227,14 +242,7 @@ for i in range(50):
 '
 sleep 0.5; kill $r; wait $r || true"#,
     );
-    let pid = |k: &str| -> u32 {
-        out.lines()
-            .find_map(|l| l.strip_prefix(&format!("{k}=")))
-            .unwrap_or_else(|| panic!("{k}= in {out}"))
-            .trim()
-            .parse()
-            .unwrap()
-    };
+    let pid = |k: &str| value(&out, k);
     let (basic, threads, py) = (pid("basic"), pid("threads"), pid("py"));
     let received = parse_framed(&guest_file(vm, "/tmp/recv.out"), b'\n');
     for (who, tgid, tee) in [
@@ -331,18 +339,7 @@ echo "left: $(ls -A /var/log | tr '\n' ' ')"; ls -A /var/log | wc -l"#,
     let lines: Vec<&str> = out.lines().collect();
     assert!(lines.contains(&"10"), "syslogd got the first ten: {out}");
     assert_eq!(lines.last(), Some(&"0"), "/var/log is empty: {out}");
-    let b: u32 = out
-        .lines()
-        .find_map(|l| l.strip_prefix("b="))
-        .unwrap()
-        .parse()
-        .unwrap();
-    let a: u32 = out
-        .lines()
-        .find_map(|l| l.strip_prefix("a="))
-        .unwrap()
-        .parse()
-        .unwrap();
+    let (a, b) = (value(&out, "a"), value(&out, "b"));
     let before = wait_for(&state, &name, a, 10);
     let after = wait_for(&state, &name, b, 10);
     assert_eq!(before.len(), 10);
@@ -388,9 +385,7 @@ echo "left: $(ls -A /var/log | tr '\n' ' ')"; ls -A /var/log | wc -l"#,
 #[test]
 fn a_flooding_process_starves_no_one() {
     let root = TempRoot::new("flood");
-    let mut opts = UpOptions::new(&format!("t-lf{}", std::process::id()));
-    opts.mem_bytes = 512 << 20;
-    let vm = Guard(Vm::up(&opts).expect("boot (run scripts/setup.sh)"));
+    let vm = boot("lf");
     let vm = &vm.0;
     let name = vm.name().to_string();
     let state = root.0.join("state");
@@ -433,14 +428,7 @@ wait $f"#
         (guest.join().unwrap(), worst)
     });
     let elapsed = t0.elapsed();
-    let pid = |k: &str| -> u32 {
-        out.lines()
-            .find_map(|l| l.strip_prefix(&format!("{k}=")))
-            .unwrap_or_else(|| panic!("{k}= in {out}"))
-            .trim()
-            .parse()
-            .unwrap()
-    };
+    let pid = |k: &str| value(&out, k);
     let (flooder, good) = (pid("flood"), pid("good"));
     let good_recs = wait_for(&state, &name, good, 100);
     let got: Vec<String> = good_recs
