@@ -234,7 +234,11 @@ pub fn build_static_c(src: &Path, name: &str) -> PathBuf {
     if mtime(&out).is_some_and(|t| t >= src_time) {
         return out;
     }
-    let tmp = dir.join(format!("{name}.tmp{}", std::process::id()));
+    // Tests of one binary run as threads of one process: the temporary name must
+    // differ per call, or two threads building the same program race on it.
+    static BUILDS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = BUILDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!("{name}.tmp{}-{n}", std::process::id()));
     let res = Command::new("gcc")
         .args(["-static", "-O1", "-s", "-Wall", "-o"])
         .arg(&tmp)
