@@ -81,6 +81,13 @@ impl Qmp {
         })
     }
 
+    /// Each vCPU's IDT base, from `info registers -a` (read while the guest
+    /// runs: under TCG the monitor reads the CPU state without stopping it;
+    /// under KVM each vCPU exits once to report its registers).
+    pub fn idt_bases(&mut self) -> Result<Vec<u64>> {
+        Ok(parse_idt_bases(&self.hmp("info registers -a")?))
+    }
+
     /// `query-status`: whether the guest CPUs run (`running`) and why not.
     pub fn status(&mut self) -> Result<qmp::StatusInfo> {
         self.execute(&qmp::query_status {})
@@ -114,5 +121,23 @@ impl Qmp {
         });
         let _ = self.stream.set_read_timeout(Some(Duration::from_secs(10)));
         r.map(drop)
+    }
+}
+
+/// The `IDT=  BASE LIMIT` fields of an `info registers` dump, in CPU order.
+pub fn parse_idt_bases(text: &str) -> Vec<u64> {
+    text.lines()
+        .filter_map(|l| l.trim_start().strip_prefix("IDT="))
+        .filter_map(|rest| u64::from_str_radix(rest.split_whitespace().next()?, 16).ok())
+        .collect()
+}
+
+#[cfg(test)]
+mod idt_tests {
+    #[test]
+    fn idt_bases_come_from_every_cpu_dump() {
+        let text = "CPU#0\nRAX=0\nGDT=     fffffe0000001000 0000007f\nIDT=     fffffe0000000000 00000fff\nCPU#1\nIDT=     fffffe0000000000 00000fff\n";
+        assert_eq!(super::parse_idt_bases(text), vec![0xfffffe0000000000; 2]);
+        assert!(super::parse_idt_bases("garbage\nIDT=zz").is_empty());
     }
 }

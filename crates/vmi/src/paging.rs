@@ -257,6 +257,119 @@ pub fn translate(
     unreachable!("the last level is always Pt")
 }
 
+/// One present leaf of a page-table walk: `len` bytes at `va` map to `pa`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MappedRange {
+    pub va: u64,
+    pub pa: u64,
+    pub len: u64,
+}
+
+/// The present leaves mapping `[start, end)` in the tables at `root`, in
+/// address order, at most `max_leaves` of them (the guest owns the tables: a
+/// bound keeps a forged hierarchy from making us walk forever). Unreadable or
+/// malformed entries are skipped, not fatal: the caller wants what is mapped.
+pub fn mapped_ranges(
+    mem: &dyn PhysicalMemory,
+    root: u64,
+    mode: PagingMode,
+    start: u64,
+    end: u64,
+    max_leaves: usize,
+) -> Vec<MappedRange> {
+    let mut out = Vec::new();
+    let levels = mode.levels();
+    let canon = Canon(64 - mode.va_bits());
+    walk_level(
+        mem,
+        root & ADDR_MASK,
+        levels,
+        canon,
+        0,
+        start,
+        end,
+        max_leaves,
+        &mut out,
+    );
+    out
+}
+
+/// Sign extension from the top implemented virtual-address bit.
+#[derive(Clone, Copy)]
+struct Canon(u32);
+
+impl Canon {
+    fn apply(self, raw: u64) -> u64 {
+        (((raw << self.0) as i64) >> self.0) as u64
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn walk_level(
+    mem: &dyn PhysicalMemory,
+    table: u64,
+    levels: &[Level],
+    canon: Canon,
+    base: u64,
+    start: u64,
+    end: u64,
+    max_leaves: usize,
+    out: &mut Vec<MappedRange>,
+) {
+    let Some((&level, rest)) = levels.split_first() else {
+        return;
+    };
+    let span = 1u64 << level.shift();
+    // The index range of this table that overlaps [start, end).
+    // A subtree is entered only when it overlaps [start, end), so a start
+    // above its base lies inside it (the root's base is 0: always).
+    let first = if start > base { level.index(start) } else { 0 };
+    for i in first..512 {
+        if out.len() >= max_leaves {
+            return;
+        }
+        let va = canon.apply(base.wrapping_add(i * span));
+        if va >= end {
+            return;
+        }
+        if va.wrapping_add(span - 1) < start {
+            continue;
+        }
+        let Ok(entry) = mem.read_u64(table + i * 8) else {
+            continue;
+        };
+        if entry & PRESENT == 0 {
+            continue;
+        }
+        let leaf = match level {
+            Level::Pt => true,
+            Level::Pdpt if entry & PAGE_SIZE_BIT != 0 => entry & RSVD_1G == 0,
+            Level::Pd if entry & PAGE_SIZE_BIT != 0 => entry & RSVD_2M == 0,
+            _ if entry & PAGE_SIZE_BIT != 0 => continue,
+            _ => false,
+        };
+        if leaf {
+            out.push(MappedRange {
+                va,
+                pa: entry & ADDR_MASK & !(span - 1),
+                len: span,
+            });
+        } else if entry & PAGE_SIZE_BIT == 0 {
+            walk_level(
+                mem,
+                entry & ADDR_MASK,
+                rest,
+                canon,
+                va,
+                start,
+                end,
+                max_leaves,
+                out,
+            );
+        }
+    }
+}
+
 /// Slots in the translation cache. Small on purpose: it serves the locality
 /// of one introspection pass (a task list walk touches few pages repeatedly),
 /// not long-term reuse, and a stale entry is bounded in what it can confuse.
@@ -632,6 +745,39 @@ mod tests {
     }
 
     const KVA: u64 = 0xffff_8880_0000_1000;
+
+    #[test]
+    fn mapped_ranges_lists_present_leaves_in_a_window() {
+        for mode in [PagingMode::FourLevel, PagingMode::FiveLevel] {
+            let mut b = Builder::new(mode, 0x40_0000);
+            let base = 0xffff_ffff_c000_0000u64;
+            b.map(base + 0x3000, 0x10_0000, PageSize::Size4K, P);
+            b.map(base + 0x20_0000, 0x20_0000, PageSize::Size2M, P);
+            b.map(base - 0x1000, 0x30_0000, PageSize::Size4K, P); // below the window
+            b.map(0x40_0000, 0x31_0000, PageSize::Size4K, P); // user half
+            let got = mapped_ranges(&b.mem, b.root, mode, base, 0xffff_ffff_ff00_0000, 100);
+            assert_eq!(
+                got,
+                vec![
+                    MappedRange {
+                        va: base + 0x3000,
+                        pa: 0x10_0000,
+                        len: 0x1000
+                    },
+                    MappedRange {
+                        va: base + 0x20_0000,
+                        pa: 0x20_0000,
+                        len: 0x20_0000
+                    },
+                ],
+                "{mode:?}"
+            );
+            assert_eq!(
+                mapped_ranges(&b.mem, b.root, mode, base, u64::MAX, 1).len(),
+                1
+            );
+        }
+    }
 
     #[test]
     fn four_kib_page() {

@@ -30,6 +30,11 @@ pub struct Target {
 impl Target {
     /// Opens the memory and locates the kernel in it. Never pauses the guest.
     pub fn attach(&self) -> Result<LinuxGuest> {
+        Ok(self.attach_with_image()?.0)
+    }
+
+    /// [`Target::attach`], also returning the kernel image it used.
+    pub fn attach_with_image(&self) -> Result<(LinuxGuest, KernelImage)> {
         let (mem, kernel): (Arc<dyn PhysicalMemory>, PathBuf) = match (&self.vm, &self.dump) {
             (Some(name), None) => {
                 let vm = lab::Vm::open(name)?;
@@ -43,7 +48,7 @@ impl Target {
         let image = load_kernel(&kernel)?;
         let profile = KernelProfile::from_image(&image)
             .with_context(|| format!("kernel image {}", kernel.display()))?;
-        Ok(LinuxGuest::attach(mem, Arc::new(profile))?)
+        Ok((LinuxGuest::attach(mem, Arc::new(profile))?, image))
     }
 }
 

@@ -6,6 +6,7 @@ mod hook_cmd;
 mod inspect_cmd;
 mod lab_cmd;
 mod logs_cmd;
+mod scan_cmd;
 mod trace_cmd;
 
 use clap::{Parser, Subcommand};
@@ -78,6 +79,9 @@ enum Command {
         #[command(subcommand)]
         command: DaemonCommand,
     },
+    /// Kernel integrity checks (rootkit detection) against the kernel image,
+    /// without pausing the guest. Exit status 2 when something is found.
+    Scan(scan_cmd::ScanArgs),
     /// Show where the guest's kernel is (KASLR slides, page-table root).
     Kernel {
         #[command(flatten)]
@@ -112,6 +116,11 @@ fn main() {
         Command::Modules { target } => inspect_cmd::modules(&target),
         Command::Kernel { target } => inspect_cmd::kernel(&target),
         Command::Trace(args) => trace_cmd::run(args),
+        Command::Scan(args) => match scan_cmd::run(&args) {
+            Ok(true) => std::process::exit(scan_cmd::EXIT_FINDINGS),
+            Ok(false) => Ok(()),
+            Err(e) => Err(e),
+        },
         Command::Hook { command } => hook_cmd::run(command),
         Command::Logs(args) => logs_cmd::run(args),
         Command::Track { command } => diffusion_cmd::track(command),

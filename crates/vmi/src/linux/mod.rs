@@ -188,6 +188,11 @@ impl LinuxGuest {
         &self.kernel
     }
 
+    /// The shared kernel profile (to build more state on it).
+    pub fn profile_arc(&self) -> &Arc<KernelProfile> {
+        &self.profile
+    }
+
     /// The parsed kernel image.
     pub fn profile(&self) -> &KernelProfile {
         &self.profile

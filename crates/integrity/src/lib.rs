@@ -1,0 +1,53 @@
+//! Kernel integrity checks of a running Linux guest against its kernel image
+//! (paper 003's detection side), read from guest memory without pausing it.
+//!
+//! A [`Baseline`] is computed once per kernel build from the image: text and
+//! rodata bytes, where the kernel patches itself (`patchsites`), the syscall
+//! tables, the IDT handlers, and BTF offsets. [`scan`] then compares a guest
+//! with it: syscall tables, `x64_sys_call`'s calls, core text (inline hooks),
+//! rodata ops tables, /proc's root entry, the IDT, ftrace ops, modules hidden
+//! from the module list, processes hidden from the task list. Every finding
+//! names the hooked object, the expected and the actual target, and the
+//! module that owns the actual target, hidden or not.
+
+mod baseline;
+mod checks;
+mod compare;
+mod findings;
+mod modules;
+mod patchsites;
+
+use std::time::Instant;
+
+use vmi::linux::LinuxGuest;
+
+pub use baseline::{Baseline, BaselineError, SyscallTable};
+pub use findings::{Check, Coverage, Finding, Owner, Report, Target};
+pub use modules::{ModuleInfo, Owners};
+pub use patchsites::Intervals;
+
+/// What the caller knows about the CPUs besides memory.
+#[derive(Debug, Clone, Default)]
+pub struct CpuState {
+    /// Each vCPU's IDT base (from the monitor); empty when unknown.
+    pub idt_bases: Vec<u64>,
+}
+
+/// Runs every check on `guest` once.
+pub fn scan(base: &Baseline, guest: &LinuxGuest, cpus: &CpuState) -> Report {
+    let started = Instant::now();
+    // A live guest changes its page tables: no stale translations across scans.
+    guest.refresh();
+    let mut r = Report::default();
+    let owners = Owners::discover(base, guest, &mut r);
+    checks::syscall_tables(base, guest, &owners, &mut r);
+    checks::kernel_text(base, guest, &owners, &mut r);
+    checks::rodata(base, guest, &owners, &mut r);
+    checks::data_slots(base, guest, &owners, &mut r);
+    checks::idt(base, guest, &owners, &cpus.idt_bases, &mut r);
+    checks::ftrace(base, guest, &owners, &mut r);
+    checks::hidden_processes(base, guest, &mut r);
+    r.findings.sort_by_key(|f| (f.check, f.location));
+    r.elapsed_us = started.elapsed().as_micros() as u64;
+    r
+}
