@@ -95,3 +95,9 @@ echo "== guest images"
 for flavour in stable backports; do
     target/release/vmwatch lab build --kernel "$flavour"
 done
+
+# Test rootkit kernel modules (guest/kmods/, for crates/integrity's tests):
+# installs the lab kernels' headers if missing and builds each module for both
+# lab kernels into $VMWATCH_CACHE/kmods/<release>/ (a no-op when up to date).
+echo "== test rootkit modules"
+scripts/build-kmods.sh
