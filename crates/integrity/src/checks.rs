@@ -78,9 +78,19 @@ pub fn syscall_tables(base: &Baseline, guest: &LinuxGuest, owners: &Owners, r: &
     }
 }
 
+/// The 5-byte nop ftrace writes over its call sites (x86's `x86_nops[5]`).
+const NOP5: &[u8] = &[0x0f, 0x1f, 0x44, 0x00, 0x00];
+
 /// Core kernel text against the image, outside the kernel's patch sites.
-/// A difference inside `x64_sys_call` is a syscall-dispatch hook.
-pub fn kernel_text(base: &Baseline, guest: &LinuxGuest, owners: &Owners, r: &mut Report) {
+/// A difference inside `x64_sys_call` is a syscall-dispatch hook. At an
+/// ftrace site only a `call` to ftrace (`ftrace_targets`, run-time) is legitimate.
+pub fn kernel_text(
+    base: &Baseline,
+    guest: &LinuxGuest,
+    owners: &Owners,
+    ftrace_targets: &[u64],
+    r: &mut Report,
+) {
     let slide = guest.location().virtual_slide;
     let (run, bad) = read_range(guest, base.text_start + slide, base.text.len());
     if bad > 0 {
@@ -107,6 +117,18 @@ pub fn kernel_text(base: &Baseline, guest: &LinuxGuest, owners: &Owners, r: &mut
         &[],
     );
     for reg in regions {
+        if let Some((site, end)) = base.mcount_sites.range_of(reg.start) {
+            // An ftrace site holds the image's `call __fentry__`, the 5-byte
+            // nop ftrace puts there at boot, or a call into ftrace.
+            let o = (site - base.text_start) as usize;
+            let now = run.get(o..o + 5).unwrap_or_default();
+            let to_ftrace = now.first() == Some(&0xe8)
+                && crate::compare::decode_transfer(now, site + slide)
+                    .is_some_and(|(_, dest)| ftrace_targets.contains(&dest));
+            if reg.end <= end && (now == NOP5 || to_ftrace) {
+                continue;
+            }
+        }
         let lo = (reg.start - base.text_start) as usize;
         let hi = ((reg.end - base.text_start) as usize).min(run.len());
         let from = reg.start.saturating_sub(16).max(base.text_start);
@@ -293,6 +315,41 @@ pub fn idt(base: &Baseline, guest: &LinuxGuest, owners: &Owners, idtr: &[u64], r
             });
         }
     }
+}
+
+/// Where ftrace's call sites may legitimately call (run-time): its
+/// callers in core text and the trampolines of registered ftrace ops.
+pub fn ftrace_targets(base: &Baseline, guest: &LinuxGuest) -> Vec<u64> {
+    let slide = guest.location().virtual_slide;
+    let mut out: Vec<u64> = ["ftrace_caller", "ftrace_regs_caller"]
+        .iter()
+        .filter_map(|n| base.profile.symbols.address_of(n))
+        .map(|a| a + slide)
+        .collect();
+    let o = &base.offsets;
+    let (Some(next_off), Some(tramp_off)) = (o.ftrace_ops_next, o.ftrace_ops_trampoline) else {
+        return out;
+    };
+    let (Ok(list), Ok(end)) = (
+        guest.symbol("ftrace_ops_list"),
+        guest.symbol("ftrace_list_end"),
+    ) else {
+        return out;
+    };
+    let k = guest.kernel_space();
+    let mut ops = k.read_u64(list).unwrap_or(0);
+    for _ in 0..MAX_FTRACE_OPS {
+        if ops == end || ops == 0 {
+            break;
+        }
+        if let Ok(t) = k.read_u64(ops + tramp_off) {
+            if t != 0 {
+                out.push(t);
+            }
+        }
+        ops = k.read_u64(ops + next_off).unwrap_or(0);
+    }
+    out
 }
 
 /// Bound on ftrace ops walked and on functions listed per ops.

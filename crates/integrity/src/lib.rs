@@ -41,7 +41,8 @@ pub fn scan(base: &Baseline, guest: &LinuxGuest, cpus: &CpuState) -> Report {
     let mut r = Report::default();
     let owners = Owners::discover(base, guest, &mut r);
     checks::syscall_tables(base, guest, &owners, &mut r);
-    checks::kernel_text(base, guest, &owners, &mut r);
+    let ftrace_targets = checks::ftrace_targets(base, guest);
+    checks::kernel_text(base, guest, &owners, &ftrace_targets, &mut r);
     checks::rodata(base, guest, &owners, &mut r);
     checks::data_slots(base, guest, &owners, &mut r);
     checks::idt(base, guest, &owners, &cpus.idt_bases, &mut r);

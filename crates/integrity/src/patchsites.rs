@@ -168,8 +168,10 @@ pub fn collect(image: &KernelImage, syms: &KernelSymbols, btf: &Btf, text: (u64,
         push(&mut v, s.addr, 8);
     }
 
-    // ftrace: every mcount site (nop5 <-> call), and the calls inside
-    // ftrace's own trampolines that point at the current tracer.
+    // ftrace's mcount sites (nop5 <-> call ftrace) are not patchable bytes:
+    // the text check accepts only a call to ftrace there (khook-style hooks
+    // write their jmp over exactly this nop). The calls inside ftrace's own
+    // trampolines that point at the current tracer are patchable.
     let mut mcount = Vec::new();
     for_table(
         image,
@@ -179,7 +181,6 @@ pub fn collect(image: &KernelImage, syms: &KernelSymbols, btf: &Btf, text: (u64,
         8,
         |_, e| {
             let site = read_u64(e, 0);
-            push(&mut v, site, 5);
             if in_text(site) {
                 mcount.push((site, site + 5));
             }

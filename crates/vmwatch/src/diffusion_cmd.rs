@@ -66,7 +66,7 @@ pub enum DiffusionCommand {
     },
 }
 
-fn client() -> Result<DaemonClient> {
+pub(crate) fn client() -> Result<DaemonClient> {
     let dir = state_dir();
     match DaemonClient::discover_in(&dir)? {
         Some(c) => Ok(c),

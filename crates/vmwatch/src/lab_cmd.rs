@@ -182,7 +182,17 @@ pub fn run(cmd: LabCommand) -> Result<()> {
         } => {
             let vm = Vm::open(&name)?;
             let argv: Vec<&str> = command.iter().map(String::as_str).collect();
+            // Forward our stdin when it is a file or a pipe (not a terminal),
+            // so `vmwatch lab exec VM -- sh -c 'cat > f' < file` copies a file in.
+            let stdin = if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+                None
+            } else {
+                let mut buf = Vec::new();
+                std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf)?;
+                Some(buf)
+            };
             let opts = ExecOptions {
+                stdin,
                 timeout: Duration::from_secs(timeout),
                 ..Default::default()
             };

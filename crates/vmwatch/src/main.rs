@@ -82,6 +82,8 @@ enum Command {
     /// Kernel integrity checks (rootkit detection) against the kernel image,
     /// without pausing the guest. Exit status 2 when something is found.
     Scan(scan_cmd::ScanArgs),
+    /// Integrity alerts from vmwatchd's continuous scanning (`+` new, `-` gone).
+    Alerts(scan_cmd::AlertsArgs),
     /// Show where the guest's kernel is (KASLR slides, page-table root).
     Kernel {
         #[command(flatten)]
@@ -116,6 +118,7 @@ fn main() {
         Command::Modules { target } => inspect_cmd::modules(&target),
         Command::Kernel { target } => inspect_cmd::kernel(&target),
         Command::Trace(args) => trace_cmd::run(args),
+        Command::Alerts(args) => scan_cmd::alerts(&args),
         Command::Scan(args) => match scan_cmd::run(&args) {
             Ok(true) => std::process::exit(scan_cmd::EXIT_FINDINGS),
             Ok(false) => Ok(()),

@@ -69,3 +69,78 @@ pub fn run(args: &ScanArgs) -> Result<bool> {
     }
     Ok(!report.findings.is_empty())
 }
+
+/// `vmwatch alerts`: the daemon's continuous-scan alerts.
+#[derive(Args, Debug)]
+pub struct AlertsArgs {
+    /// Only this VM.
+    #[arg(long)]
+    pub vm: Option<String>,
+    /// Keep waiting for new alerts.
+    #[arg(long, short)]
+    pub follow: bool,
+    /// Only alerts after this sequence number (see --json).
+    #[arg(long, default_value_t = 0)]
+    pub since: u64,
+    /// One JSON object per alert.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn alerts(args: &AlertsArgs) -> Result<()> {
+    let c = crate::diffusion_cmd::client()?;
+    let mut since = args.since;
+    let mut out = std::io::stdout().lock();
+    loop {
+        let mut q = format!("/v1/integrity/alerts?since={since}");
+        if let Some(vm) = &args.vm {
+            q.push_str(&format!(
+                "&vm={}",
+                crate::trace_cmd::daemon_client::encode_query(vm)
+            ));
+        }
+        if args.follow {
+            q.push_str("&wait=20");
+        }
+        let r = c.call("GET", &q, None)?;
+        for a in r.as_array().into_iter().flatten() {
+            since = since.max(a["seq"].as_u64().unwrap_or(0));
+            if args.json {
+                writeln!(out, "{a}")?;
+                continue;
+            }
+            let f = &a["finding"];
+            let target = |t: &serde_json::Value| -> String {
+                if t.is_null() {
+                    return String::new();
+                }
+                let owner = &t["owner"];
+                let who = match owner["kind"].as_str() {
+                    Some("kernel") => owner["symbol"].as_str().unwrap_or("?").to_string(),
+                    Some("module") => format!("[{}]", owner["name"].as_str().unwrap_or("?")),
+                    _ => "unknown memory".into(),
+                };
+                format!("{:#x} {who}", t["addr"].as_u64().unwrap_or(0))
+            };
+            let ms = a["unix_ms"].as_u64().unwrap_or(0);
+            let when = humantime::format_rfc3339_millis(
+                std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms),
+            );
+            writeln!(
+                out,
+                "{when} {} {} {:<16} {}  expected {}  actual {}  module {}",
+                a["vm"].as_str().unwrap_or("?"),
+                if a["change"] == "new" { "+" } else { "-" },
+                f["check"].as_str().unwrap_or("?"),
+                f["object"].as_str().unwrap_or("?"),
+                target(&f["expected"]),
+                target(&f["actual"]),
+                f["module"].as_str().unwrap_or("-"),
+            )?;
+        }
+        out.flush()?;
+        if !args.follow {
+            return Ok(());
+        }
+    }
+}

@@ -14,6 +14,8 @@
 //! | `GET /v1/trace?...` | the same, all watched VMs merged |
 //! | `/v1/vms/{name}/track`, `/v1/vms/{name}/diffusion[/log]`, `/v1/diffusion/log` | diffusion tracking ([`crate::diffusion_api`]) |
 //! | `GET /v1/logs/stats` | the log vaults' counters per VM ([`crate::logvault`]) |
+//! | `GET /v1/vms/{name}/integrity` | the VM's last integrity scan ([`crate::integrity`]) |
+//! | `GET /v1/integrity/alerts?since=SEQ&vm=&wait=SECS` | integrity alerts after `since`; `wait` long-polls |
 //!
 //! A stream's response headers are sent once the ring filters include the
 //! subscriber's syscalls, so a client may start its workload when it has
@@ -43,6 +45,7 @@ use crate::diffusion::DiffusionService;
 use crate::diffusion_api as dapi;
 use crate::engine::Published;
 use crate::error::{ApiError, WatchError};
+use crate::integrity::IntegrityService;
 use crate::logvault::VaultService;
 use crate::registry::{Registry, Scope, StartRequest, Subscription};
 
@@ -58,6 +61,7 @@ pub(crate) struct AppState {
     pub registry: Arc<Registry>,
     pub diffusion: Arc<DiffusionService>,
     pub vault: Arc<VaultService>,
+    pub integrity: Arc<IntegrityService>,
     pub started: Instant,
 }
 
@@ -66,12 +70,14 @@ pub fn router(
     registry: Arc<Registry>,
     diffusion: Arc<DiffusionService>,
     vault: Arc<VaultService>,
+    integrity: Arc<IntegrityService>,
     token: Token,
 ) -> Router {
     let state = AppState {
         registry,
         diffusion,
         vault,
+        integrity,
         started: Instant::now(),
     };
     Router::new()
@@ -91,6 +97,8 @@ pub fn router(
         .route("/v1/vms/{name}/diffusion/log", get(dapi::log_vm))
         .route("/v1/diffusion/log", get(dapi::log_all))
         .route("/v1/logs/stats", get(log_stats))
+        .route("/v1/vms/{name}/integrity", get(vm_integrity))
+        .route("/v1/integrity/alerts", get(integrity_alerts))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
@@ -119,6 +127,49 @@ async fn log_stats(State(st): State<AppState>) -> Response {
         "forward": st.vault.forward_stats(),
     }))
     .into_response()
+}
+
+/// The last integrity scan of one VM.
+async fn vm_integrity(State(st): State<AppState>, Path(name): Path<String>) -> Response {
+    if st.registry.get(&name).is_none() {
+        return ApiError::from(WatchError::NotWatched(name)).into_response();
+    }
+    let mut v = st.integrity.vm(&name).unwrap_or_default();
+    v.interval_ms = st.integrity.interval().as_millis() as u64;
+    Json(v).into_response()
+}
+
+#[derive(Debug, Deserialize)]
+struct AlertsQuery {
+    #[serde(default)]
+    since: u64,
+    vm: Option<String>,
+    /// Seconds to wait for a new alert (long poll), at most 60.
+    #[serde(default)]
+    wait: u64,
+}
+
+/// Integrity alerts after `since`, oldest first (long poll with `wait`).
+async fn integrity_alerts(
+    State(st): State<AppState>,
+    q: Result<Query<AlertsQuery>, QueryRejection>,
+) -> Response {
+    let Query(q) = match q {
+        Ok(q) => q,
+        Err(e) => {
+            return ApiError::bad_request(format!(
+                "bad query ({e}): use ?since=SEQ&vm=NAME&wait=SECS"
+            ))
+            .into_response()
+        }
+    };
+    let svc = Arc::clone(&st.integrity);
+    let wait = Duration::from_secs(q.wait.min(60));
+    let alerts =
+        tokio::task::spawn_blocking(move || svc.wait_alerts(q.since, q.vm.as_deref(), wait))
+            .await
+            .unwrap_or_default();
+    Json(alerts).into_response()
 }
 
 async fn list_vms(State(st): State<AppState>) -> Response {

@@ -32,6 +32,7 @@ pub mod diffusion_api;
 pub mod engine;
 pub mod error;
 pub mod forward;
+pub mod integrity;
 pub mod logvault;
 pub mod paths;
 pub mod pump;

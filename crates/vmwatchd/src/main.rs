@@ -42,6 +42,9 @@ struct Args {
     /// (RFC 5424, octet-counting framing).
     #[arg(long, value_name = "URL")]
     forward: Option<String>,
+    /// Integrity (rootkit) scan of each watched VM every N ms (0: off).
+    #[arg(long, default_value_t = 1000)]
+    scan_interval_ms: u64,
     /// Milliseconds between ring polls when a ring is empty.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=1000))]
     poll_ms: u64,
@@ -75,6 +78,7 @@ fn main() {
     config.log_rate.per_second = args.log_rate;
     config.log_rate.burst = args.log_burst;
     config.forward = args.forward;
+    config.scan_interval = Duration::from_millis(args.scan_interval_ms);
     config.pump.log_rate = u64::from(args.log_rate);
     config.pump.log_burst = u64::from(args.log_burst);
     // Two workers: the API is light; the pumps have their own threads.

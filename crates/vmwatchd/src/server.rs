@@ -14,6 +14,7 @@ use crate::auth::Token;
 use crate::diffusion::{DiffusionService, DiffusionVmEngine};
 use crate::engine::{Engine, EventSink, VmContext};
 use crate::error::DaemonError;
+use crate::integrity::{IntegrityService, IntegrityVmEngine};
 use crate::logvault::{LogVaultEngine, VaultService};
 use crate::paths::{Paths, PidLock};
 use crate::pump::PumpConfig;
@@ -41,6 +42,8 @@ pub struct Config {
     pub log_rate: logvault::RateLimitConfig,
     /// Forward every stored log record to this collector (`tcp://HOST:PORT`).
     pub forward: Option<String>,
+    /// Integrity scan period per VM (zero: no continuous scanning).
+    pub scan_interval: Duration,
 }
 
 impl Config {
@@ -57,6 +60,7 @@ impl Config {
             vault: logvault::VaultConfig::default(),
             log_rate: crate::logvault::default_rate(),
             forward: None,
+            scan_interval: Duration::from_secs(1),
         }
     }
 }
@@ -145,10 +149,13 @@ pub async fn run_until(config: Config, mut stop: watch::Receiver<bool>) -> Resul
 
     let svc = Arc::clone(&diffusion);
     let vsvc = Arc::clone(&vault);
+    let integrity = IntegrityService::new(config.scan_interval);
+    let isvc = Arc::clone(&integrity);
     let engines = move |ctx: &VmContext, sink: EventSink| -> Vec<Box<dyn Engine>> {
         let mut v = default_engines(ctx, sink);
         v.push(Box::new(DiffusionVmEngine::new(Arc::clone(&svc), ctx)));
         v.push(Box::new(LogVaultEngine::new(Arc::clone(&vsvc), ctx)));
+        v.push(Box::new(IntegrityVmEngine::new(Arc::clone(&isvc), ctx)));
         v
     };
     let registry = Registry::new(&config.cache, config.pump, Box::new(engines));
@@ -189,7 +196,7 @@ pub async fn run_until(config: Config, mut stop: watch::Receiver<bool>) -> Resul
         config.cache.display()
     );
 
-    let app = crate::api::router(Arc::clone(&registry), diffusion, vault, token);
+    let app = crate::api::router(Arc::clone(&registry), diffusion, vault, integrity, token);
     // On stop: first end the pumps and the streams (filters to `none`,
     // rings released), then let the servers finish their connections.
     let (closed_tx, closed_rx) = watch::channel(false);
