@@ -177,6 +177,25 @@ mod tests {
         assert!(unexplained(&img, &run, 0x1000, SLIDE, Some(&m), &[(0x1014, 0x1015)]).is_empty());
     }
 
+    proptest::proptest! {
+        /// Guest bytes of any shape: bounded output, no panic.
+        #[test]
+        fn arbitrary_guest_bytes_never_panic(
+            img in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600),
+            run in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600),
+            slide in proptest::prelude::any::<u64>(),
+            pos in 0u64..700,
+        ) {
+            let regions = unexplained(&img, &run, 0x1000, slide, None, &[]);
+            proptest::prop_assert!(regions.len() <= MAX_REGIONS);
+            for r in &regions {
+                proptest::prop_assert!(r.start < r.end && r.end <= 0x1000 + img.len().min(run.len()) as u64);
+            }
+            let _ = transfer_covering(&run, 0x1000, 0x1000 + pos, slide);
+            let _ = decode_transfer(&run, slide);
+        }
+    }
+
     #[test]
     fn movabs_jmp_and_push_ret_decode() {
         let mut b = vec![0x48, 0xb8];

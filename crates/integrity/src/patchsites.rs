@@ -191,9 +191,13 @@ pub fn collect(image: &KernelImage, syms: &KernelSymbols, btf: &Btf, text: (u64,
             push(&mut v, a, 5);
         }
     }
+    // objtool also lists the fentry call in .call_sites (6.2+): an ftrace site
+    // stays an ftrace site, checked as such.
+    let mcount = Intervals::from_ranges(mcount);
+    v.retain(|r| !mcount.contains(r.0));
     Sites {
         patchable: Intervals::from_ranges(v),
-        mcount: Intervals::from_ranges(mcount),
+        mcount,
     }
 }
 
