@@ -2,8 +2,10 @@
 //! `fds=SPEC` (syscalls whose fd arguments and results are resolved to file
 //! identities), `capacity=N`, and for naming the guest task of each event
 //! `ram=PATH` (the guest RAM file), `ram_below_4g=BYTES` (QEMU's split below
-//! the PCI hole) and `vmlinux=PATH` (symbols and BTF). Each problem is one
-//! line; QEMU then refuses to start.
+//! the PCI hole) and `vmlinux=PATH` (symbols and BTF); for xftrace (kernel
+//! call flows, `callflow.rs`) `xftrace=PATH` (its control and record file,
+//! which needs the guest kernel: `ram=`/`vmlinux=`) and `xftrace_records=N`.
+//! Each problem is one line; QEMU then refuses to start.
 
 use std::path::PathBuf;
 
@@ -21,6 +23,10 @@ pub struct Config {
     pub fds: Filter,
     /// How to read the guest kernel, when given.
     pub guest: Option<GuestConfig>,
+    /// The xftrace file, when given.
+    pub xftrace: Option<PathBuf>,
+    /// Its capacity in records.
+    pub xftrace_records: u64,
 }
 
 /// Where the guest's RAM and kernel image are (all three or none).
@@ -32,7 +38,8 @@ pub struct GuestConfig {
 }
 
 const USAGE: &str = "expected ring=PATH, vm=NAME, filter=all|none|NAME:NAME..., fds=SPEC, \
-                     capacity=N, ram=PATH, ram_below_4g=BYTES, vmlinux=PATH";
+                     capacity=N, ram=PATH, ram_below_4g=BYTES, vmlinux=PATH, xftrace=PATH, \
+                     xftrace_records=N";
 
 fn parse_u64(s: &str) -> Option<u64> {
     match s.strip_prefix("0x") {
@@ -50,6 +57,8 @@ pub fn parse(argv: &[String]) -> Result<Config, String> {
     let mut ram = None;
     let mut ram_below_4g = None;
     let mut vmlinux = None;
+    let mut xftrace = None;
+    let mut xftrace_records = None;
     for arg in argv {
         let Some((key, value)) = arg.split_once('=') else {
             return Err(format!("argument `{arg}` is not key=value ({USAGE})"));
@@ -80,12 +89,32 @@ pub fn parse(argv: &[String]) -> Result<Config, String> {
             "fds" => fds
                 .replace(Filter::parse(value).map_err(|e| format!("fds=: {e}"))?)
                 .is_some(),
-            "ram" | "vmlinux" => {
+            "ram" | "vmlinux" | "xftrace" => {
                 if value.is_empty() {
                     return Err(format!("{key}= needs a file path"));
                 }
-                let slot = if key == "ram" { &mut ram } else { &mut vmlinux };
+                let slot = match key {
+                    "ram" => &mut ram,
+                    "vmlinux" => &mut vmlinux,
+                    _ => &mut xftrace,
+                };
                 slot.replace(PathBuf::from(value)).is_some()
+            }
+            "xftrace_records" => {
+                let n: u64 = value
+                    .parse()
+                    .ok()
+                    .filter(|n| {
+                        (xftrace::buffer::MIN_RECORDS..=xftrace::buffer::MAX_RECORDS).contains(n)
+                    })
+                    .ok_or_else(|| {
+                        format!(
+                            "xftrace_records `{value}` must be a number between {} and {}",
+                            xftrace::buffer::MIN_RECORDS,
+                            xftrace::buffer::MAX_RECORDS
+                        )
+                    })?;
+                xftrace_records.replace(n).is_some()
             }
             "ram_below_4g" => {
                 let n = parse_u64(value).ok_or_else(|| {
@@ -133,6 +162,12 @@ pub fn parse(argv: &[String]) -> Result<Config, String> {
             )
         }
     };
+    if xftrace.is_some() && guest.is_none() {
+        return Err(
+            "xftrace= needs the guest kernel: give ram=, ram_below_4g= and vmlinux= too"
+                .to_string(),
+        );
+    }
     Ok(Config {
         ring: ring.ok_or_else(|| format!("missing ring=PATH ({USAGE})"))?,
         vm: vm.unwrap_or_default(),
@@ -140,6 +175,8 @@ pub fn parse(argv: &[String]) -> Result<Config, String> {
         capacity: capacity.unwrap_or(1 << 16),
         fds: fds.unwrap_or(Filter::NONE),
         guest,
+        xftrace,
+        xftrace_records: xftrace_records.unwrap_or(xftrace::buffer::DEFAULT_RECORDS),
     })
 }
 
@@ -180,6 +217,20 @@ mod tests {
             (c.filter, c.capacity, c.vm.as_str()),
             (Filter::ALL, 65536, "")
         );
+        assert_eq!(c.xftrace, None);
+        let c = p(&[
+            "ring=/r",
+            "ram=/m",
+            "ram_below_4g=1",
+            "vmlinux=/k",
+            "xftrace=/s/xftrace.buf",
+            "xftrace_records=4096",
+        ])
+        .unwrap();
+        assert_eq!(
+            (c.xftrace, c.xftrace_records),
+            (Some(PathBuf::from("/s/xftrace.buf")), 4096)
+        );
     }
 
     #[test]
@@ -201,6 +252,12 @@ mod tests {
             (&["ring=/r", "ram=/m"], "go together"),
             (&["ring=/r", "ram_below_4g=lots"], "not a byte count"),
             (&["ring=/r", "fds=reed"], "fds=: unknown syscall `reed`"),
+            (
+                &["ring=/r", "xftrace=/x"],
+                "xftrace= needs the guest kernel",
+            ),
+            (&["ring=/r", "xftrace_records=5"], "xftrace_records `5`"),
+            (&["ring=/r", "xftrace="], "needs a file path"),
         ];
         for (args, want) in cases {
             let e = p(args).unwrap_err();

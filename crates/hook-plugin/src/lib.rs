@@ -49,6 +49,7 @@ use qemu_plugin_sys as sys;
 use vmi::linux::LinuxGuest;
 
 mod args;
+mod callflow;
 mod guest;
 mod pairing;
 
@@ -160,6 +161,8 @@ struct Plugin {
     arg_counts: Box<[u8; 512]>,
     /// Per-process token buckets of the log doorbell ([`LogLimiter`]).
     log_limiter: Mutex<LogLimiter>,
+    /// xftrace (kernel call flows, `callflow.rs`), when `xftrace=` is given.
+    xftrace: Option<callflow::CallFlow>,
 }
 
 /// Processes whose log doorbell buckets the plugin keeps at once.
@@ -310,6 +313,11 @@ fn install(
         .transpose()?;
     let ring = RingWriter::create(&cfg.ring, cfg.capacity, &cfg.vm, &cfg.filter, &cfg.fds)
         .map_err(|e| e.to_string())?;
+    let xftrace = cfg
+        .xftrace
+        .as_ref()
+        .map(|path| callflow::CallFlow::new(id, path, cfg.xftrace_records, max_vcpus))
+        .transpose()?;
     // SAFETY: plain allocation by QEMU; freed by QEMU at exit.
     let board = unsafe { sys::qemu_plugin_scoreboard_new(8) };
     if board.is_null() {
@@ -339,18 +347,29 @@ fn install(
             events::format::arg_count(nr as u64) as u8
         })),
         log_limiter: Mutex::new(LogLimiter::default()),
+        xftrace,
     };
     if PLUGIN.set(plugin).is_err() {
         return Err("loaded twice in one QEMU".to_string());
     }
-    // SAFETY: registering callbacks with QEMU during install, as the API requires;
-    // the callbacks are 'static functions.
+    // SAFETY: registering callbacks with QEMU during install, as the API requires.
+    unsafe { register_callbacks(id) };
+    Ok(())
+}
+
+/// Registers the plugin's callbacks: at install, and again after each
+/// `qemu_plugin_reset` (xftrace on/off, see `callflow.rs`), which drops them.
+///
+/// # Safety
+/// Only from `qemu_plugin_install` or a reset callback (QEMU's contract for
+/// registering); the callbacks are 'static functions.
+unsafe fn register_callbacks(id: sys::qemu_plugin_id_t) {
+    // SAFETY: per this function's contract.
     unsafe {
         sys::qemu_plugin_register_vcpu_init_cb(id, Some(vcpu_init));
         sys::qemu_plugin_register_vcpu_tb_trans_cb(id, Some(tb_trans));
         sys::qemu_plugin_register_atexit_cb(id, Some(at_exit), std::ptr::null_mut());
     }
-    Ok(())
 }
 
 /// Runs on each vCPU's thread when it starts: register handles (the API wants
@@ -397,6 +416,9 @@ unsafe extern "C" fn vcpu_init(_id: sys::qemu_plugin_id_t, vcpu: c_uint) {
                     k_gs_base: find("k_gs_base"),
                 })
             })();
+            if let Some(cf) = &p.xftrace {
+                cf.set_registers(find);
+            }
             // SAFETY: `arr` came from qemu_plugin_get_registers and is freed once.
             unsafe { g_array_free(arr, 1) };
             match regs {
@@ -421,11 +443,19 @@ const USER_TOP: u64 = 1 << 63;
 
 /// Translation-time filter: instrument only the three instructions we need.
 unsafe extern "C" fn tb_trans(_id: sys::qemu_plugin_id_t, tb: *mut sys::qemu_plugin_tb) {
+    // xftrace's call/ret instrumentation, only while it records (one load otherwise).
+    let xftrace = PLUGIN
+        .get()
+        .and_then(|p| p.xftrace.as_ref())
+        .and_then(|cf| cf.translating().map(|marks| (cf, marks)));
     // SAFETY: `tb` is valid during this callback (QEMU's contract), and so are
     // the instruction handles it hands out.
     unsafe {
         for i in 0..sys::qemu_plugin_tb_n_insns(tb) {
             let insn = sys::qemu_plugin_tb_get_insn(tb, i);
+            if let Some((cf, marks)) = xftrace {
+                cf.translate(marks, insn, sys::qemu_plugin_insn_vaddr(insn));
+            }
             let size = sys::qemu_plugin_insn_size(insn);
             if size != 2 && size != 3 {
                 continue;
@@ -843,6 +873,10 @@ unsafe extern "C" fn on_syscall(vcpu: c_uint, udata: *mut c_void) {
     };
     // SAFETY: registered with R_REGS; runs on `vcpu`'s own thread.
     let nr = unsafe { read(buf, r.rax) };
+    if let Some(cf) = &p.xftrace {
+        // SAFETY: as above.
+        unsafe { cf.on_syscall(p, vcpu, nr, &r, buf, udata as u64) };
+    }
     if !p.ring.wants(nr) {
         return;
     }

@@ -117,6 +117,8 @@ pub struct Baseline {
     pub patchable: Intervals,
     /// Where each kind of patch site is, for naming a difference.
     pub mcount_sites: Intervals,
+    /// Jump-label sites and the target each may jump to (link-time, by site).
+    pub jump_sites: Vec<(u64, u64)>,
     /// `.rodata`, link-time, and its image bytes.
     pub rodata_start: u64,
     pub rodata: Vec<u8>,
@@ -191,6 +193,7 @@ impl Baseline {
             text,
             patchable: sites.patchable,
             mcount_sites: sites.mcount,
+            jump_sites: sites.jumps,
             rodata_start,
             rodata,
             ro_after_init,

@@ -78,6 +78,43 @@ pub fn syscall_tables(base: &Baseline, guest: &LinuxGuest, owners: &Owners, r: &
     }
 }
 
+/// Whether a difference is a jump-label site in one of its two legitimate
+/// states: the nop of the site's size, or a jump to the entry's target.
+fn jump_label_ok(base: &Baseline, run: &[u8], reg: crate::compare::Region, slide: u64) -> bool {
+    let i = base.jump_sites.partition_point(|j| j.0 <= reg.start);
+    let Some(&(site, target)) = i.checked_sub(1).and_then(|i| base.jump_sites.get(i)) else {
+        return false;
+    };
+    let o = (site - base.text_start) as usize;
+    let img = base.text.get(o..o + 2).unwrap_or_default();
+    let size = if img.first() == Some(&0xeb) || img == [0x66, 0x90] {
+        2
+    } else {
+        5
+    };
+    if reg.end > site + size {
+        return false;
+    }
+    let Some(now) = run.get(o..o + size as usize) else {
+        return false;
+    };
+    let dest = |len: u64, rel: i64| (site + slide + len).wrapping_add(rel as u64);
+    match size {
+        2 => {
+            now == [0x66, 0x90]
+                || (now[0] == 0xeb && dest(2, i64::from(now[1] as i8)) == target + slide)
+        }
+        _ => {
+            now == NOP5
+                || (now[0] == 0xe9
+                    && dest(
+                        5,
+                        i64::from(i32::from_le_bytes([now[1], now[2], now[3], now[4]])),
+                    ) == target + slide)
+        }
+    }
+}
+
 /// The 5-byte nop ftrace writes over its call sites (x86's `x86_nops[5]`).
 const NOP5: &[u8] = &[0x0f, 0x1f, 0x44, 0x00, 0x00];
 
@@ -128,6 +165,9 @@ pub fn kernel_text(
             if reg.end <= end && (now == NOP5 || to_ftrace) {
                 continue;
             }
+        }
+        if jump_label_ok(base, &run, reg, slide) {
+            continue;
         }
         let lo = (reg.start - base.text_start) as usize;
         let hi = ((reg.end - base.text_start) as usize).min(run.len());

@@ -58,8 +58,10 @@ impl Intervals {
 pub struct Sites {
     /// Every byte the kernel may rewrite.
     pub patchable: Intervals,
-    /// ftrace's call sites (a subset): a change there is an ftrace attachment.
+    /// ftrace's call sites: only nop5, the image's call, or a call into ftrace.
     pub mcount: Intervals,
+    /// Jump-label sites and their jump targets (link-time), sorted by site.
+    pub jumps: Vec<(u64, u64)>,
 }
 
 /// Longest site a table can describe (alternatives' lengths are a u8).
@@ -145,14 +147,23 @@ pub fn collect(image: &KernelImage, syms: &KernelSymbols, btf: &Btf, text: (u64,
         }
     }
 
-    // struct jump_entry { s32 code; s32 target; long key; }: a 2- or 5-byte jmp/nop.
+    // struct jump_entry { s32 code; s32 target; long key; }: a 2- or 5-byte
+    // jmp/nop; not patchable bytes: the text check accepts there only a nop
+    // or a jump to the entry's own target.
+    let mut jumps: Vec<(u64, u64)> = Vec::new();
     for_table(
         image,
         syms,
         "__start___jump_table",
         "__stop___jump_table",
         16,
-        |at, e| push(&mut v, at.wrapping_add(read_i32(e, 0) as u64), 5),
+        |at, e| {
+            let site = at.wrapping_add(read_i32(e, 0) as u64);
+            let target = (at + 4).wrapping_add(read_i32(e, 4) as u64);
+            if in_text(site) {
+                jumps.push((site, target));
+            }
+        },
     );
     // struct static_call_site { s32 addr; s32 key; }: a 5-byte call/jmp/nop.
     for_table(
@@ -195,8 +206,14 @@ pub fn collect(image: &KernelImage, syms: &KernelSymbols, btf: &Btf, text: (u64,
     // stays an ftrace site, checked as such.
     let mcount = Intervals::from_ranges(mcount);
     v.retain(|r| !mcount.contains(r.0));
+    jumps.sort_unstable();
+    jumps.dedup_by_key(|j| j.0);
+    // A jump-label site inside an alternative is the alternative's business.
+    let patchable = Intervals::from_ranges(v);
+    jumps.retain(|j| !patchable.contains(j.0));
     Sites {
-        patchable: Intervals::from_ranges(v),
+        patchable,
+        jumps,
         mcount,
     }
 }

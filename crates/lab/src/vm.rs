@@ -666,14 +666,17 @@ impl Vm {
                 Some(so) => {
                     let path = hook_ring_path(&opts.name);
                     let _ = std::fs::remove_file(&path);
+                    // xftrace's control and record file (`vmwatch xftrace`),
+                    // in the state dir so `lab down` removes it.
                     plugins.push(format!(
-                        "file={},ring={},vm={},filter=none,ram={},ram_below_4g={},vmlinux={}",
+                        "file={},ring={},vm={},filter=none,ram={},ram_below_4g={},vmlinux={},xftrace={}",
                         so.display(),
                         path.display(),
                         opts.name,
                         ram_path.display(),
                         opts.mem_bytes.min(RAM_BELOW_4G),
                         vmlinux.display(),
+                        dir.join("xftrace.buf").display(),
                     ));
                     ring = Some(path);
                 }

@@ -8,6 +8,7 @@ mod lab_cmd;
 mod logs_cmd;
 mod scan_cmd;
 mod trace_cmd;
+mod xftrace_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -89,6 +90,12 @@ enum Command {
         #[command(flatten)]
         target: inspect_cmd::Target,
     },
+    /// Record the kernel call flow of chosen syscalls (paper 003): `on
+    /// sys_openat ...`, `off` writes trace_graph.txt (function_graph layout).
+    Xftrace {
+        #[command(subcommand)]
+        command: xftrace_cmd::XftraceCommand,
+    },
 }
 
 #[derive(Subcommand)]
@@ -118,6 +125,7 @@ fn main() {
         Command::Modules { target } => inspect_cmd::modules(&target),
         Command::Kernel { target } => inspect_cmd::kernel(&target),
         Command::Trace(args) => trace_cmd::run(args),
+        Command::Xftrace { command } => xftrace_cmd::run(command),
         Command::Alerts(args) => scan_cmd::alerts(&args),
         Command::Scan(args) => match scan_cmd::run(&args) {
             Ok(true) => std::process::exit(scan_cmd::EXIT_FINDINGS),
