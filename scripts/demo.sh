@@ -5,7 +5,8 @@
 # open files, sockets and modules; then live syscalls through vmwatchd, and
 # the spread of a registered secret file across both VMs (diffusion
 # tracking), and application logs kept in a tamper-evident vault outside
-# the guest. Leaves the VMs running with --keep.
+# the guest; then test rootkits loaded in both guests, found by integrity
+# scans and seen in xftrace's call flow. Leaves the VMs running with --keep.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -97,6 +98,31 @@ echo "--- vmwatch logs verify --vm demo-web"
 $V logs verify --vm demo-web
 echo "--- vmwatch logs --vm demo-web --rfc5424 (for a syslog collector)"
 $V logs --vm demo-web --rfc5424 | head -n 1
+echo
+echo "================ rootkits: found from outside, without pausing the guests ================"
+echo "--- vmwatch scan --vm demo-web (clean)"; $V scan --vm demo-web || true
+kmods=${VMWATCH_CACHE:-$HOME/.cache/vmwatch}/kmods
+for i in 0 1; do
+    vm=${vms[$i]}; rel=$($V lab info "$vm" | python3 -c 'import json,sys; print(json.load(sys.stdin)["kernel_release"])')
+    for m in rk_syscall rk_seqops; do
+        $V lab exec "$vm" -- sh -c "cat > /root/$m.ko" < "$kmods/$rel/$m.ko"
+    done
+    # rk_syscall hides files named rkhide_* and makes `kill -64` a root
+    # backdoor; rk_seqops hides port 31337 from /proc/net/tcp.
+    $V lab exec "$vm" -- sh -c 'touch /tmp/rkhide_loot; insmod /root/rk_syscall.ko; insmod /root/rk_seqops.ko port=31337
+        echo "    inside $(hostname): ls /tmp shows: $(ls /tmp | tr "\n" " ")"'
+done
+sleep 2
+echo "--- vmwatch alerts (vmwatchd scans every watched VM every second)"
+$V alerts
+for vm in "${vms[@]}"; do
+    echo "--- vmwatch scan --vm $vm"; $V scan --vm "$vm" || true
+done
+echo "--- vmwatch xftrace on --vm demo-db sys_getdents64; ls /tmp in the guest; vmwatch xftrace off (the hooked call flow)"
+$V xftrace on --vm demo-db sys_getdents64
+$V lab exec demo-db -- ls /tmp >/dev/null
+$V xftrace off --vm demo-db --out /tmp/vmwatch-demo-trace_graph.txt
+grep -n -m3 -B2 -A3 'rk_syscall' /tmp/vmwatch-demo-trace_graph.txt || true
 echo "--- vmwatch daemon status"
 $V daemon status
 kill $daemon 2>/dev/null || true
