@@ -110,7 +110,7 @@ for i in 0 1; do
     # rk_syscall hides files named rkhide_* and makes `kill -64` a root
     # backdoor; rk_seqops hides port 31337 from /proc/net/tcp.
     $V lab exec "$vm" -- sh -c 'touch /tmp/rkhide_loot; insmod /root/rk_syscall.ko; insmod /root/rk_seqops.ko port=31337
-        echo "    inside $(hostname): ls /tmp shows: $(ls /tmp | tr "\n" " ")"'
+        echo "    inside $(hostname): ls /tmp shows [$(ls /tmp)], yet cat /tmp/rkhide_loot works"'
 done
 sleep 2
 echo "--- vmwatch alerts (vmwatchd scans every watched VM every second)"
