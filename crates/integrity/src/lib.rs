@@ -12,7 +12,7 @@
 
 mod baseline;
 mod checks;
-mod compare;
+pub mod compare;
 mod findings;
 mod modules;
 mod patchsites;

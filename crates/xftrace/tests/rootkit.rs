@@ -70,10 +70,19 @@ fn plugin_path() -> std::path::PathBuf {
 }
 
 #[test]
-fn the_syscall_rootkit_shows_in_the_getdents64_call_flow() {
+fn the_syscall_rootkit_shows_in_the_getdents64_call_flow_6_1() {
+    rootkit_in_flow(Flavour::Stable, "s");
+}
+
+#[test]
+fn the_syscall_rootkit_shows_in_the_getdents64_call_flow_6_12() {
+    rootkit_in_flow(Flavour::Backports, "b");
+}
+
+fn rootkit_in_flow(flavour: Flavour, tag: &str) {
     std::env::set_var("VMWATCH_HOOK_PLUGIN", plugin_path());
-    let mut opts = UpOptions::new(&format!("xf-rk-{}", std::process::id()));
-    opts.flavour = Flavour::Stable;
+    let mut opts = UpOptions::new(&format!("xf-rk{tag}-{}", std::process::id()));
+    opts.flavour = flavour;
     opts.network = false;
     let vm = TestVm(Vm::up(&opts).expect("boot (run scripts/setup.sh)"));
     let vm = &vm.0;
@@ -121,7 +130,7 @@ fn the_syscall_rootkit_shows_in_the_getdents64_call_flow() {
     );
     let hooked = record(vm, &c, &names);
     std::fs::write(
-        std::env::temp_dir().join("xftrace-rootkit-trace_graph.txt"),
+        std::env::temp_dir().join(format!("xftrace-rootkit-{tag}-trace_graph.txt")),
         &hooked,
     )
     .unwrap();
