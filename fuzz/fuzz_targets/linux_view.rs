@@ -106,6 +106,12 @@ fn layout(bytes: &[u8]) -> Layout {
             base: off(),
             size: off(),
         },
+        module_kallsyms: Some(vmi::linux::ModuleKallsymsLayout {
+            kallsyms: off(),
+            symtab: off(),
+            num_symtab: off(),
+            strtab: off(),
+        }),
     }
 }
 
@@ -146,5 +152,7 @@ fuzz_target!(|data: &[u8]| {
     let _ = guest.processes();
     let _ = guest.open_files(None);
     let _ = guest.sockets();
-    let _ = guest.modules();
+    for m in guest.modules().items.iter().take(4) {
+        let _ = guest.module_functions(m.module);
+    }
 });

@@ -55,7 +55,10 @@ pub enum Owner {
     /// A loaded module; `hidden` when the module list does not show it.
     Module {
         name: String,
+        /// Offset from the module's lowest address.
         offset: u64,
+        /// The module's function at or below the address, `name+0xoff`.
+        symbol: Option<String>,
         hidden: bool,
     },
     /// Neither kernel text nor any module we found.
@@ -69,9 +72,13 @@ impl fmt::Display for Owner {
             Owner::Module {
                 name,
                 offset,
+                symbol,
                 hidden,
             } => {
-                write!(f, "[{name}]+{offset:#x}")?;
+                match symbol {
+                    Some(sym) => write!(f, "{sym} [{name}]")?,
+                    None => write!(f, "[{name}]+{offset:#x}")?,
+                }
                 if *hidden {
                     f.write_str(" (hidden module)")?;
                 }

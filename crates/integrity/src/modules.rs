@@ -32,6 +32,8 @@ pub struct ModuleInfo {
     pub listed: bool,
     pub in_sysfs: bool,
     pub in_memory: bool,
+    /// Its function symbols (run-time address, name), sorted by address.
+    pub functions: Vec<(u64, String)>,
 }
 
 /// Every module found, and what it takes to name an address's owner.
@@ -141,9 +143,18 @@ impl Owners {
         for m in &self.modules {
             if m.ranges.iter().any(|r| (r.0..r.1).contains(&addr)) {
                 let start = m.ranges.iter().map(|r| r.0).min().unwrap_or(addr);
+                let i = m.functions.partition_point(|f| f.0 <= addr);
+                let symbol = i.checked_sub(1).map(|i| {
+                    let (at, name) = &m.functions[i];
+                    match addr - at {
+                        0 => name.clone(),
+                        off => format!("{name}+{off:#x}"),
+                    }
+                });
                 return Owner::Module {
                     name: m.name.clone(),
                     offset: addr - start,
+                    symbol,
                     hidden: !m.listed,
                 };
             }
@@ -173,13 +184,18 @@ impl Owners {
 }
 
 fn info(guest: &LinuxGuest, addr: u64, name: &str, listed: bool) -> ModuleInfo {
+    let ranges = module_ranges(guest, addr);
+    let mut functions = guest.module_functions(addr).unwrap_or_default();
+    functions.retain(|f| ranges.iter().any(|r| (r.0..r.1).contains(&f.0)));
+    functions.sort_unstable();
     ModuleInfo {
         name: name.to_string(),
         addr,
-        ranges: module_ranges(guest, addr),
+        ranges,
         listed,
         in_sysfs: false,
         in_memory: false,
+        functions,
     }
 }
 

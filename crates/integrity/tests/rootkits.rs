@@ -199,6 +199,14 @@ fn rootkits_are_found(flavour: Flavour, tag: &str) {
         "{}",
         describe(&r.findings)
     );
+    // The module's own symbol table names the handler.
+    assert!(
+        r.findings.iter().any(|f| f.actual.as_ref().is_some_and(|a| a.addr == getdents
+            && matches!(&a.owner, integrity::Owner::Module { name, symbol: Some(sym), hidden: false, .. }
+                if name == "rk_syscall" && sym == "hook_getdents64"))),
+        "{}",
+        describe(&r.findings)
+    );
     assert!(
         by(Check::SyscallDispatch, "__x64_sys_kill", kill),
         "{}",

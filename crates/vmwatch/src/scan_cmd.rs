@@ -117,7 +117,10 @@ pub fn alerts(args: &AlertsArgs) -> Result<()> {
                 let owner = &t["owner"];
                 let who = match owner["kind"].as_str() {
                     Some("kernel") => owner["symbol"].as_str().unwrap_or("?").to_string(),
-                    Some("module") => format!("[{}]", owner["name"].as_str().unwrap_or("?")),
+                    Some("module") => match owner["symbol"].as_str() {
+                        Some(sym) => format!("{sym} [{}]", owner["name"].as_str().unwrap_or("?")),
+                        None => format!("[{}]", owner["name"].as_str().unwrap_or("?")),
+                    },
                     _ => "unknown memory".into(),
                 };
                 format!("{:#x} {who}", t["addr"].as_u64().unwrap_or(0))

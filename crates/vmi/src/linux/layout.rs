@@ -79,6 +79,17 @@ pub struct Layout {
     pub module_name_len: u64,
     pub module_state: u64,
     pub module_mem: ModuleMemLayout,
+    /// `module.kallsyms` -> `mod_kallsyms` {symtab, num_symtab, strtab}, if BTF has it.
+    pub module_kallsyms: Option<ModuleKallsymsLayout>,
+}
+
+/// Where a module's own symbol table is (`CONFIG_KALLSYMS`).
+#[derive(Debug, Clone, Copy)]
+pub struct ModuleKallsymsLayout {
+    pub kallsyms: u64,
+    pub symtab: u64,
+    pub num_symtab: u64,
+    pub strtab: u64,
 }
 
 /// `struct inet_hashinfo` (TCP) and `struct udp_table`.
@@ -246,6 +257,14 @@ impl Layout {
             module_name_len: name.size.clamp(1, 256),
             module_state: off("module", "state")?,
             module_mem,
+            module_kallsyms: (|| {
+                Some(ModuleKallsymsLayout {
+                    kallsyms: off("module", "kallsyms").ok()?,
+                    symtab: off("mod_kallsyms", "symtab").ok()?,
+                    num_symtab: off("mod_kallsyms", "num_symtab").ok()?,
+                    strtab: off("mod_kallsyms", "strtab").ok()?,
+                })
+            })(),
         })
     }
 }

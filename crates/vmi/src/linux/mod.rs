@@ -15,7 +15,7 @@ mod tasks;
 use std::sync::Arc;
 
 pub use files::{FileIdentity, FileKind, OpenFile};
-pub use layout::{HashTableLayout, Layout, ModuleMemLayout};
+pub use layout::{HashTableLayout, Layout, ModuleKallsymsLayout, ModuleMemLayout};
 pub use locate::{locate_kernel, KernelLocation, LocateError, LocateInputs, KASLR_ALIGN};
 pub use modules::Module;
 pub use sockets::{Socket, SocketFamily};

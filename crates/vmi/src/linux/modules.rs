@@ -17,7 +17,51 @@ pub struct Module {
     pub module: u64,
 }
 
+/// Symbols read from one module's table at most (the guest sets the count).
+const MAX_MODULE_SYMBOLS: u64 = 1 << 16;
+/// Bytes of one module symbol name at most.
+const MAX_SYMBOL_NAME: usize = 256;
+
 impl LinuxGuest {
+    /// The function symbols of a module (`mod->kallsyms`: its ELF symtab and
+    /// strtab in module memory), as (run-time address, name), unsorted.
+    /// Bounded: at most 65536 entries, names of at most 256 bytes; entries
+    /// whose name cannot be read are skipped. Empty when the kernel's BTF
+    /// does not describe `mod_kallsyms` or the module has no table.
+    pub fn module_functions(&self, module: u64) -> Result<Vec<(u64, String)>, PagingError> {
+        let Some(l) = self.layout().module_kallsyms else {
+            return Ok(Vec::new());
+        };
+        let k = self.kernel_space();
+        let ks = k.read_u64(module.wrapping_add(l.kallsyms))?;
+        if ks == 0 {
+            return Ok(Vec::new());
+        }
+        let symtab = k.read_u64(ks.wrapping_add(l.symtab))?;
+        let count = u64::from(k.read_u32(ks.wrapping_add(l.num_symtab))?).min(MAX_MODULE_SYMBOLS);
+        let strtab = k.read_u64(ks.wrapping_add(l.strtab))?;
+        // Elf64_Sym: st_name u32, st_info u8, st_other u8, st_shndx u16, st_value u64, st_size u64.
+        let mut raw = vec![0u8; count as usize * 24];
+        k.read(symtab, &mut raw)?;
+        const STT_FUNC: u8 = 2;
+        let mut out = Vec::new();
+        for e in raw.chunks_exact(24) {
+            let name_off = u32::from_le_bytes([e[0], e[1], e[2], e[3]]);
+            let value = u64::from_le_bytes(e[8..16].try_into().unwrap_or_default());
+            if e[4] & 0xf != STT_FUNC || value == 0 {
+                continue;
+            }
+            if let Ok(name) =
+                k.read_cstring(strtab.wrapping_add(u64::from(name_off)), MAX_SYMBOL_NAME)
+            {
+                if !name.is_empty() {
+                    out.push((value, String::from_utf8_lossy(&name).into_owned()));
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Modules on the kernel's `modules` list, in list order (newest first, like /proc/modules).
     pub fn modules(&self) -> Listing<Module> {
         self.read_kernel_list(
