@@ -25,6 +25,7 @@ pub mod compare;
 pub mod fgraph;
 pub mod graph;
 pub mod host;
+pub mod kmod;
 pub mod names;
 pub mod record;
 pub mod symbolize;

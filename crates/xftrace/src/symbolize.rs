@@ -201,18 +201,18 @@ impl Resolve for Symbolizer {
 }
 
 /// `struct module` offsets for text ranges and `kallsyms` (BTF of the image).
-struct ModLayout {
-    kallsyms: u64,
-    symtab: u64,
-    num_symtab: u64,
-    strtab: u64,
+pub(crate) struct ModLayout {
+    pub(crate) kallsyms: u64,
+    pub(crate) symtab: u64,
+    pub(crate) num_symtab: u64,
+    pub(crate) strtab: u64,
     /// (offset of the text base, offset of the text size; u32) in `struct module`.
     text_base: u64,
     text_size: u64,
 }
 
 impl ModLayout {
-    fn from_btf(btf: &Btf) -> Result<Self, vmi::btf::BtfError> {
+    pub(crate) fn from_btf(btf: &Btf) -> Result<Self, vmi::btf::BtfError> {
         let (text_base, text_size) = if btf.has_field("module", "mem") {
             // 6.4+: struct module_memory mem[MOD_MEM_NUM_TYPES], text at MOD_TEXT.
             let index = btf.enum_value("mod_mem_type", "MOD_TEXT")?.max(0) as u64;
