@@ -153,6 +153,6 @@ fuzz_target!(|data: &[u8]| {
     let _ = guest.open_files(None);
     let _ = guest.sockets();
     for m in guest.modules().items.iter().take(4) {
-        let _ = guest.module_functions(m.module);
+        let _ = guest.module_symbols(m.module);
     }
 });

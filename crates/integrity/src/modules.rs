@@ -185,8 +185,13 @@ impl Owners {
 
 fn info(guest: &LinuxGuest, addr: u64, name: &str, listed: bool) -> ModuleInfo {
     let ranges = module_ranges(guest, addr);
-    let mut functions = guest.module_functions(addr).unwrap_or_default();
-    functions.retain(|f| ranges.iter().any(|r| (r.0..r.1).contains(&f.0)));
+    let mut functions: Vec<(u64, String)> = guest
+        .module_symbols(addr)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|s| s.function && ranges.iter().any(|r| (r.0..r.1).contains(&s.addr)))
+        .map(|s| (s.addr, s.name))
+        .collect();
     functions.sort_unstable();
     ModuleInfo {
         name: name.to_string(),

@@ -47,6 +47,7 @@ fn boot(tag: &str, flavour: Flavour) -> Lab {
         "rk_ftrace",
         "rk_inline",
         "rk_seqops",
+        "rk_idt",
         "rk_hide",
     ] {
         let ko: PathBuf = kmods.join(format!("{m}.ko"));
@@ -80,7 +81,16 @@ impl Lab {
     }
 
     fn scan(&self) -> Report {
-        let r = integrity::scan(&self.base, &self.guest, &CpuState::default());
+        // The IDT register of each vCPU from the monitor, as vmwatchd does.
+        let cpus = CpuState {
+            idt_bases: self
+                .vm
+                .qmp()
+                .and_then(|mut q| q.idt_bases())
+                .expect("info registers"),
+        };
+        assert!(!cpus.idt_bases.is_empty());
+        let r = integrity::scan(&self.base, &self.guest, &cpus);
         for w in &r.warnings {
             eprintln!("scan warning: {w}");
         }
@@ -338,7 +348,40 @@ fn rootkits_are_found(flavour: Flavour, tag: &str) {
     lab.sh("rmmod rk_seqops");
     lab.assert_clean("after rmmod rk_seqops");
 
-    // 5. A module that unlinks itself (list and sysfs) and unlinks a process
+    // 5. The IDT: a gate of idt_table redirected, then the IDT register
+    //    moved to a modified copy.
+    lab.sh("insmod /root/rk_idt.ko");
+    let line = lab.hooked_line("rk_idt");
+    let handler = addr_after(&line, "handler=");
+    let r = lab.scan();
+    assert_eq!(checks_of(&r), vec![Check::Idt], "{}", describe(&r.findings));
+    assert!(
+        r.findings.iter().any(|f| f.object == "IDT vector 0x81"
+            && f.actual.as_ref().is_some_and(|a| a.addr == handler)
+            && f.module.as_deref() == Some("rk_idt")),
+        "{}",
+        describe(&r.findings)
+    );
+    lab.sh("rmmod rk_idt");
+    lab.assert_clean("after rmmod rk_idt");
+    lab.sh("insmod /root/rk_idt.ko mode=lidt");
+    let line = lab.hooked_line("rk_idt");
+    assert!(line.contains("mode=lidt"), "{line}");
+    let table = addr_after(&line, "idt=");
+    let r = lab.scan();
+    assert_eq!(checks_of(&r), vec![Check::Idt], "{}", describe(&r.findings));
+    assert!(
+        r.findings
+            .iter()
+            .any(|f| f.object == "IDT register of CPU 0"
+                && f.actual.as_ref().is_some_and(|a| a.addr == table)),
+        "{}",
+        describe(&r.findings)
+    );
+    lab.sh("rmmod rk_idt");
+    lab.assert_clean("after rmmod rk_idt (lidt)");
+
+    // 6. A module that unlinks itself (list and sysfs) and unlinks a process
     //    from the task list. It cannot be removed: last.
     let victim = lab
         .sh("sleep 10000 >/dev/null 2>&1 & echo $!")

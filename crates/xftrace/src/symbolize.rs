@@ -85,10 +85,6 @@ pub struct Symbolizer {
     modules: Vec<ModuleText>,
 }
 
-/// Bounds on what is read of the guest's module symbol tables.
-const MAX_MODULE_SYMBOLS: u64 = 1 << 16;
-const MAX_SYMBOL_NAME: usize = 128;
-
 impl Symbolizer {
     /// From parts: kernel symbols (link-time), the KASLR slide, and modules.
     pub fn new(symbols: Arc<KernelSymbols>, slide: u64, mut modules: Vec<ModuleText>) -> Self {
@@ -200,12 +196,9 @@ impl Resolve for Symbolizer {
     }
 }
 
-/// `struct module` offsets for text ranges and `kallsyms` (BTF of the image).
+/// `struct module` offsets for the text range (BTF of the image); the
+/// module's symbols come from `LinuxGuest::module_symbols`.
 pub(crate) struct ModLayout {
-    pub(crate) kallsyms: u64,
-    pub(crate) symtab: u64,
-    pub(crate) num_symtab: u64,
-    pub(crate) strtab: u64,
     /// (offset of the text base, offset of the text size; u32) in `struct module`.
     text_base: u64,
     text_size: u64,
@@ -231,10 +224,6 @@ impl ModLayout {
             )
         };
         Ok(ModLayout {
-            kallsyms: btf.offset_of("module", "kallsyms")?,
-            symtab: btf.offset_of("mod_kallsyms", "symtab")?,
-            num_symtab: btf.offset_of("mod_kallsyms", "num_symtab")?,
-            strtab: btf.offset_of("mod_kallsyms", "strtab")?,
             text_base,
             text_size,
         })
@@ -250,36 +239,13 @@ impl ModLayout {
         let k = guest.kernel_space();
         let start = k.read_u64(module.wrapping_add(self.text_base))?;
         let size = u64::from(k.read_u32(module.wrapping_add(self.text_size))?);
-        let ks = k.read_u64(module.wrapping_add(self.kallsyms))?;
-        let mut syms = Vec::new();
-        if ks == 0 {
-            return Ok((start, size, syms));
-        }
-        let symtab = k.read_u64(ks.wrapping_add(self.symtab))?;
-        let count =
-            u64::from(k.read_u32(ks.wrapping_add(self.num_symtab))?).min(MAX_MODULE_SYMBOLS);
-        let strtab = k.read_u64(ks.wrapping_add(self.strtab))?;
-        // Elf64_Sym: st_name u32, st_info u8, st_other u8, st_shndx u16,
-        // st_value u64, st_size u64.
-        let mut raw = vec![0u8; count as usize * 24];
-        k.read(symtab, &mut raw)?;
-        for e in raw.chunks_exact(24) {
-            let name_off = u32::from_le_bytes(e[0..4].try_into().unwrap_or_default());
-            let kind = e[4] & 0xf;
-            let value = u64::from_le_bytes(e[8..16].try_into().unwrap_or_default());
-            const STT_FUNC: u8 = 2;
-            if kind != STT_FUNC || value < start || value >= start.saturating_add(size) {
-                continue;
-            }
-            let Ok(name) =
-                k.read_cstring(strtab.wrapping_add(u64::from(name_off)), MAX_SYMBOL_NAME)
-            else {
-                continue;
-            };
-            if !name.is_empty() {
-                syms.push((value, String::from_utf8_lossy(&name).into_owned()));
-            }
-        }
+        let end = start.saturating_add(size);
+        let syms = guest
+            .module_symbols(module)?
+            .into_iter()
+            .filter(|sym| sym.function && (start..end).contains(&sym.addr))
+            .map(|sym| (sym.addr, sym.name))
+            .collect();
         Ok((start, size, syms))
     }
 }

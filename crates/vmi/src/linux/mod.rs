@@ -17,7 +17,7 @@ use std::sync::Arc;
 pub use files::{FileIdentity, FileKind, OpenFile};
 pub use layout::{HashTableLayout, Layout, ModuleKallsymsLayout, ModuleMemLayout};
 pub use locate::{locate_kernel, KernelLocation, LocateError, LocateInputs, KASLR_ALIGN};
-pub use modules::Module;
+pub use modules::{Module, ModuleSymbol};
 pub use sockets::{Socket, SocketFamily};
 pub use tasks::{Process, ThreadIds};
 

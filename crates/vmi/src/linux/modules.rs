@@ -17,18 +17,29 @@ pub struct Module {
     pub module: u64,
 }
 
+/// One entry of a module's own symbol table.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ModuleSymbol {
+    /// Run-time address.
+    pub addr: u64,
+    pub size: u64,
+    pub name: String,
+    /// `STT_FUNC` (else `STT_OBJECT`).
+    pub function: bool,
+}
+
 /// Symbols read from one module's table at most (the guest sets the count).
 const MAX_MODULE_SYMBOLS: u64 = 1 << 16;
 /// Bytes of one module symbol name at most.
 const MAX_SYMBOL_NAME: usize = 256;
 
 impl LinuxGuest {
-    /// The function symbols of a module (`mod->kallsyms`: its ELF symtab and
-    /// strtab in module memory), as (run-time address, name), unsorted.
-    /// Bounded: at most 65536 entries, names of at most 256 bytes; entries
-    /// whose name cannot be read are skipped. Empty when the kernel's BTF
-    /// does not describe `mod_kallsyms` or the module has no table.
-    pub fn module_functions(&self, module: u64) -> Result<Vec<(u64, String)>, PagingError> {
+    /// The function and data symbols of a module (`mod->kallsyms`: its ELF
+    /// symtab and strtab in module memory), unsorted. Bounded: at most 65536
+    /// entries, names of at most 256 bytes; entries whose name cannot be read
+    /// are skipped. Empty when the kernel's BTF does not describe
+    /// `mod_kallsyms` or the module has no table.
+    pub fn module_symbols(&self, module: u64) -> Result<Vec<ModuleSymbol>, PagingError> {
         let Some(l) = self.layout().module_kallsyms else {
             return Ok(Vec::new());
         };
@@ -43,19 +54,31 @@ impl LinuxGuest {
         // Elf64_Sym: st_name u32, st_info u8, st_other u8, st_shndx u16, st_value u64, st_size u64.
         let mut raw = vec![0u8; count as usize * 24];
         k.read(symtab, &mut raw)?;
+        const STT_OBJECT: u8 = 1;
         const STT_FUNC: u8 = 2;
         let mut out = Vec::new();
         for e in raw.chunks_exact(24) {
+            let function = match e[4] & 0xf {
+                STT_FUNC => true,
+                STT_OBJECT => false,
+                _ => continue,
+            };
             let name_off = u32::from_le_bytes([e[0], e[1], e[2], e[3]]);
-            let value = u64::from_le_bytes(e[8..16].try_into().unwrap_or_default());
-            if e[4] & 0xf != STT_FUNC || value == 0 {
+            let addr = u64::from_le_bytes(e[8..16].try_into().unwrap_or_default());
+            let size = u64::from_le_bytes(e[16..24].try_into().unwrap_or_default());
+            if addr == 0 {
                 continue;
             }
             if let Ok(name) =
                 k.read_cstring(strtab.wrapping_add(u64::from(name_off)), MAX_SYMBOL_NAME)
             {
                 if !name.is_empty() {
-                    out.push((value, String::from_utf8_lossy(&name).into_owned()));
+                    out.push(ModuleSymbol {
+                        addr,
+                        size,
+                        name: String::from_utf8_lossy(&name).into_owned(),
+                        function,
+                    });
                 }
             }
         }

@@ -54,11 +54,6 @@ pub fn attach(mem: Arc<dyn PhysicalMemory>, vmlinux: &Path) -> Result<Attached, 
     })
 }
 
-/// Bounds on what is read of the module's symbol table.
-const MAX_MODULE_SYMBOLS: u64 = 1 << 16;
-const MAX_SYMBOL_NAME: usize = 128;
-const STT_OBJECT: u8 = 1;
-
 /// Guest reads through the kernel page tables, no key writes.
 struct ReadOnly<'a>(&'a AddressSpace);
 
@@ -83,7 +78,8 @@ impl Access for ReadOnly<'_> {
 /// copy of `&xft_key`) and fixes the capacity the host will read.
 pub fn locate(guest: &LinuxGuest, btf: Option<&Btf>) -> Result<Target, KmodError> {
     let btf = btf.ok_or_else(|| KmodError::Symbols("the kernel image has no BTF".into()))?;
-    let layout = ModLayout::from_btf(btf).map_err(|e| KmodError::Symbols(e.to_string()))?;
+    // Fails early, with the BTF error, on a kernel whose struct module we cannot read.
+    ModLayout::from_btf(btf).map_err(|e| KmodError::Symbols(e.to_string()))?;
     let list = guest.modules();
     let m = list
         .items
@@ -98,38 +94,18 @@ pub fn locate(guest: &LinuxGuest, btf: Option<&Btf>) -> Result<Target, KmodError
     }
     let k = guest.kernel_space();
     let rd = ReadOnly(k);
-    let u64_at = |va: u64| -> Result<u64, KmodError> {
-        let mut b = [0u8; 8];
-        rd.read(va, &mut b)?;
-        Ok(u64::from_le_bytes(b))
-    };
-    let ks = u64_at(m.module.wrapping_add(layout.kallsyms))?;
-    if ks == 0 {
-        return Err(KmodError::Symbols("no kallsyms".into()));
-    }
-    let symtab = u64_at(ks.wrapping_add(layout.symtab))?;
-    let count = (u64_at(ks.wrapping_add(layout.num_symtab))? & 0xffff_ffff).min(MAX_MODULE_SYMBOLS);
-    let strtab = u64_at(ks.wrapping_add(layout.strtab))?;
-    // Elf64_Sym: st_name u32, st_info u8, st_other u8, st_shndx u16,
-    // st_value u64, st_size u64.
-    let mut raw = vec![0u8; count as usize * 24];
-    rd.read(symtab, &mut raw)?;
     let (mut key, mut buf) = (None, None);
-    for e in raw.chunks_exact(24) {
-        if e[4] & 0xf != STT_OBJECT {
+    let symbols = guest
+        .module_symbols(m.module)
+        .map_err(|e| KmodError::Symbols(format!("the module's symbol table: {e}")))?;
+    for sym in symbols {
+        if sym.function {
             continue;
         }
-        let name_off = u32::from_le_bytes(e[0..4].try_into().unwrap_or_default());
-        let value = u64::from_le_bytes(e[8..16].try_into().unwrap_or_default());
-        let size = u64::from_le_bytes(e[16..24].try_into().unwrap_or_default());
-        let Ok(name) = k.read_cstring(strtab.wrapping_add(u64::from(name_off)), MAX_SYMBOL_NAME)
-        else {
-            continue;
-        };
-        match name.as_slice() {
-            n if n == KEY_SYMBOL.as_bytes() => key = Some((value, size)),
-            n if n == BUFFER_SYMBOL.as_bytes() => buf = Some((value, size)),
-            _ => {}
+        if sym.name == KEY_SYMBOL {
+            key = Some((sym.addr, sym.size));
+        } else if sym.name == BUFFER_SYMBOL {
+            buf = Some((sym.addr, sym.size));
         }
     }
     let (key_va, key_size) = key.ok_or(KmodError::Symbol(KEY_SYMBOL))?;
