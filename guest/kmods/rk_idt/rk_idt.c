@@ -38,23 +38,7 @@ static char *mode = "gate";
 module_param(mode, charp, 0444);
 MODULE_PARM_DESC(mode, "gate (patch idt_table) | lidt (load a modified copy)");
 
-typedef unsigned long (*kln_t)(const char *name);
-
-static unsigned long lookup(const char *name)
-{
-	struct kprobe kp = { .symbol_name = "kallsyms_lookup_name" };
-	unsigned long a;
-	const u8 *p;
-
-	if (register_kprobe(&kp))
-		return 0;
-	a = (unsigned long)kp.addr;
-	unregister_kprobe(&kp);
-	p = (const u8 *)(a - 4);
-	if (p[0] == 0xf3 && p[1] == 0x0f && p[2] == 0x1e && p[3] == 0xfa)
-		a -= 4;
-	return ((kln_t)a)(name);
-}
+#include "rk_common.h"
 
 /* Never called: nothing raises the vector. */
 static noinline void rk_idt_handler(void)
@@ -81,27 +65,6 @@ static unsigned long handler_of(const gate_desc *g)
 	       ((unsigned long)g->offset_high << 32);
 }
 
-struct gate_write {
-	gate_desc *dst;
-	gate_desc val;
-};
-
-static int write_gate_cb(void *arg)
-{
-	struct gate_write *w = arg;
-	unsigned long cr0, cr4;
-
-	cr4 = __read_cr4();
-	if (cr4 & X86_CR4_CET)
-		asm volatile("mov %0,%%cr4" : : "r"(cr4 & ~X86_CR4_CET) : "memory");
-	cr0 = read_cr0();
-	asm volatile("mov %0,%%cr0" : : "r"(cr0 & ~X86_CR0_WP) : "memory");
-	memcpy(w->dst, &w->val, sizeof(w->val));
-	asm volatile("mov %0,%%cr0" : : "r"(cr0) : "memory");
-	if (cr4 & X86_CR4_CET)
-		asm volatile("mov %0,%%cr4" : : "r"(cr4) : "memory");
-	return 0;
-}
 
 static void load_dtr(void *arg)
 {
@@ -112,12 +75,17 @@ static struct desc_ptr new_dtr;
 
 static int __init rk_idt_init(void)
 {
-	struct gate_write w;
+	gate_desc val;
+	struct wp_patch w[2] = {};
 	unsigned long old;
+	int err;
 
 	if (vector < 0x20 || vector > 0xff)
 		return -EINVAL;
-	idt = (gate_desc *)lookup("idt_table");
+	err = resolve_kln();
+	if (err)
+		return err;
+	idt = (gate_desc *)kln("idt_table");
 	if (!idt) {
 		pr_err("no idt_table\n");
 		return -ENOENT;
@@ -136,10 +104,10 @@ static int __init rk_idt_init(void)
 		new_dtr.size = orig_dtr.size;
 		on_each_cpu(load_dtr, &new_dtr, 1);
 	} else {
-		w.dst = &idt[vector];
-		w.val = saved;
-		set_handler(&w.val, (unsigned long)rk_idt_handler);
-		stop_machine(write_gate_cb, &w, NULL);
+		val = saved;
+		set_handler(&val, (unsigned long)rk_idt_handler);
+		w[0] = (struct wp_patch){ &idt[vector], &val, sizeof(val) };
+		wp_patch_all(w);
 	}
 	pr_info("hooked idt mode=%s vector=0x%x handler=%px old=%px idt=%px\n",
 		lidt_mode ? "lidt" : "gate", vector, rk_idt_handler, (void *)old,
@@ -149,13 +117,13 @@ static int __init rk_idt_init(void)
 
 static void __exit rk_idt_exit(void)
 {
-	struct gate_write w = { .dst = &idt[vector], .val = saved };
+	struct wp_patch w[2] = { { &idt[vector], &saved, sizeof(saved) }, {} };
 
 	if (lidt_mode) {
 		on_each_cpu(load_dtr, &orig_dtr, 1);
 		free_page((unsigned long)copy);
 	} else {
-		stop_machine(write_gate_cb, &w, NULL);
+		wp_patch_all(w);
 	}
 	pr_info("unhooked idt\n");
 }

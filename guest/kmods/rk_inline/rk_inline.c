@@ -48,66 +48,14 @@ static char *nodename = "rk-inline-owned";
 module_param(nodename, charp, 0444);
 MODULE_PARM_DESC(nodename, "nodename uname(2) reports while loaded");
 
-typedef unsigned long (*kln_t)(const char *name);
-static kln_t kln;
+#include "rk_common.h"
 
-static bool is_endbr64(unsigned long a)
-{
-	const u8 *p = (const u8 *)a;
-
-	return p[0] == 0xf3 && p[1] == 0x0f && p[2] == 0x1e && p[3] == 0xfa;
-}
-
-/* kallsyms_lookup_name is not exported since 5.7: let a kprobe resolve it. */
-static int resolve_kln(void)
-{
-	struct kprobe kp = { .symbol_name = "kallsyms_lookup_name" };
-	unsigned long a;
-	int err;
-
-	err = register_kprobe(&kp);
-	if (err)
-		return err;
-	a = (unsigned long)kp.addr;
-	unregister_kprobe(&kp);
-	if (is_endbr64(a - 4))
-		a -= 4;
-	kln = (kln_t)a;
-	return 0;
-}
-
-struct wp_patch {
-	void *dst;
-	const void *src;
-	size_t len;
-};
-
-/* stop_machine() callback: every other CPU spins with IRQs off. */
-static int wp_patch_cb(void *arg)
-{
-	struct wp_patch *p = arg;
-	unsigned long cr0, cr4;
-
-	cr4 = __read_cr4();
-	/* CR0.WP cannot be cleared while CR4.CET is set (#GP) */
-	if (cr4 & X86_CR4_CET)
-		asm volatile("mov %0,%%cr4" : : "r"(cr4 & ~X86_CR4_CET) : "memory");
-	cr0 = read_cr0();
-	asm volatile("mov %0,%%cr0" : : "r"(cr0 & ~X86_CR0_WP) : "memory");
-	for (; p->len; p++)
-		memcpy(p->dst, p->src, p->len);
-	asm volatile("mov %0,%%cr0" : : "r"(cr0) : "memory");
-	if (cr4 & X86_CR4_CET)
-		asm volatile("mov %0,%%cr4" : : "r"(cr4) : "memory");
-	sync_core();
-	return 0;
-}
 
 static int wp_patch_one(void *dst, const void *src, size_t len)
 {
 	struct wp_patch p[2] = { { dst, src, len }, {} };
 
-	return stop_machine(wp_patch_cb, p, NULL);
+	return wp_patch_all(p);
 }
 
 static struct rw_semaphore *uts_sem_p;
