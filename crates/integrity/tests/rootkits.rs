@@ -381,32 +381,55 @@ fn rootkits_are_found(flavour: Flavour, tag: &str) {
     lab.sh("rmmod rk_idt");
     lab.assert_clean("after rmmod rk_idt (lidt)");
 
-    // 6. A module that unlinks itself (list and sysfs) and unlinks a process
-    //    from the task list. It cannot be removed: last.
+    // 6. A module that unlinks itself (list and sysfs), also hides the
+    //    loaded rk_syscall the same way, and unlinks a process from the task
+    //    list. Neither module can be removed: last. The syscall hooks are
+    //    still named after rk_syscall, found only in module memory.
+    lab.sh("insmod /root/rk_syscall.ko");
+    let line = lab.hooked_line("rk_syscall");
+    let getdents = addr_after(&line, "hook_getdents64=");
     let victim = lab
         .sh("sleep 10000 >/dev/null 2>&1 & echo $!")
         .trim()
         .parse::<i32>()
         .unwrap();
-    lab.sh(&format!("insmod /root/rk_hide.ko pid={victim}"));
-    lab.hooked_line("rk_hide");
-    assert_eq!(lab.sh("grep -c rk_hide /proc/modules || true").trim(), "0");
+    lab.sh(&format!(
+        "insmod /root/rk_hide.ko pid={victim} also=rk_syscall"
+    ));
+    let line = lab.hooked_line("rk_hide");
+    assert!(line.contains("also=rk_syscall"), "{line}");
+    assert_eq!(lab.sh("grep -c rk_ /proc/modules || true").trim(), "0");
+    assert_eq!(lab.sh("ls /sys/module | grep -c rk_ || true").trim(), "0");
     assert_eq!(
-        lab.sh("ls /sys/module | grep -c rk_hide || true").trim(),
-        "0"
+        lab.sh("ls /tmp | grep -c rkhide_ || true").trim(),
+        "0",
+        "rk_syscall still hides files"
     );
     lab.sh(&format!("kill -0 {victim}"));
     let r = lab.scan();
-    assert_eq!(
-        checks_of(&r),
-        vec![Check::HiddenModule, Check::HiddenProcess],
-        "{}",
-        describe(&r.findings)
-    );
+    let mut want = vec![
+        Check::SyscallDispatch,
+        Check::HiddenModule,
+        Check::HiddenProcess,
+    ];
+    if flavour == Flavour::Stable {
+        want.insert(0, Check::SyscallTable);
+    }
+    assert_eq!(checks_of(&r), want, "{}", describe(&r.findings));
+    for m in ["rk_hide", "rk_syscall"] {
+        assert!(
+            r.findings
+                .iter()
+                .any(|f| f.check == Check::HiddenModule && f.module.as_deref() == Some(m)),
+            "{m}:\n{}",
+            describe(&r.findings)
+        );
+    }
     assert!(
-        r.findings
-            .iter()
-            .any(|f| f.check == Check::HiddenModule && f.module.as_deref() == Some("rk_hide")),
+        r.findings.iter().any(|f| f.check == Check::SyscallDispatch
+            && f.actual.as_ref().is_some_and(|a| a.addr == getdents
+                && matches!(&a.owner, integrity::Owner::Module { name, symbol: Some(sym), hidden: true, .. }
+                    if name == "rk_syscall" && sym == "hook_getdents64"))),
         "{}",
         describe(&r.findings)
     );

