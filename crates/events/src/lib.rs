@@ -25,7 +25,9 @@ pub use record::{
     Kind, Record, FLAG_PAYLOAD_CUT, FLAG_TASK, LOG_DOORBELL, LOG_DOORBELL_LEAF, LOG_MAX, LOG_SLICE,
     NO_ENTRY,
 };
-pub use ring::{Ring, RingError, RingReader, RingWriter, FORMAT_VERSION, MAGIC};
+pub use ring::{
+    peek_syscall_entry, Ring, RingError, RingReader, RingWriter, FORMAT_VERSION, MAGIC,
+};
 pub use syscalls::{Filter, FilterError};
 
 /// Host `CLOCK_MONOTONIC` in nanoseconds: the time base of every record.

@@ -116,7 +116,12 @@ struct Header {
     log_rate: AtomicU64,
     log_burst: AtomicU64,
     log_dropped: AtomicU64,
-    _pad4: [u8; 480],
+    /// Where the guest's `syscall` instruction last went (the first kernel
+    /// code executed after it: the LSTAR MSR's value), sampled by the plugin.
+    syscall_entry: AtomicU64,
+    /// Samples taken of `syscall_entry`.
+    syscall_entry_samples: AtomicU64,
+    _pad4: [u8; 464],
     /// (task, tgid) pairs.
     quiet_table: [[AtomicU64; 2]; QUIET_SLOTS],
 }
@@ -133,6 +138,7 @@ const _: () = {
     assert!(std::mem::offset_of!(Header, log_rate) == 520);
     assert!(std::mem::offset_of!(Header, log_burst) == 528);
     assert!(std::mem::offset_of!(Header, log_dropped) == 536);
+    assert!(std::mem::offset_of!(Header, syscall_entry) == 544);
     assert!(std::mem::offset_of!(Header, quiet_table) == 1024);
     assert!(std::mem::size_of::<Header>() <= HEADER_SIZE);
 };
@@ -198,6 +204,34 @@ impl Mapping {
         // valid for any bit pattern.
         unsafe { &*(self.map.as_ptr().add(HEADER_SIZE + index * RECORD_SIZE) as *const Slot) }
     }
+}
+
+/// Where the guest's `syscall` instruction enters the kernel (the LSTAR
+/// MSR, as the plugin last observed it) and how many samples were taken,
+/// read from a ring's header without becoming its reader (vmwatchd may own
+/// the ring). `None` before the first sample.
+pub fn peek_syscall_entry(path: &Path) -> Result<Option<(u64, u64)>, RingError> {
+    use std::io::Read;
+    let mut head = [0u8; 560];
+    File::open(path)
+        .and_then(|mut f| f.read_exact(&mut head))
+        .map_err(io(path))?;
+    if head[..8] != MAGIC {
+        return Err(RingError::BadMagic {
+            path: path.to_path_buf(),
+        });
+    }
+    let version = u32::from_le_bytes([head[8], head[9], head[10], head[11]]);
+    if version != FORMAT_VERSION {
+        return Err(RingError::BadVersion {
+            path: path.to_path_buf(),
+            found: version,
+            expected: FORMAT_VERSION,
+        });
+    }
+    let word = |o: usize| u64::from_le_bytes(head[o..o + 8].try_into().unwrap_or_default());
+    let samples = word(552);
+    Ok((samples > 0).then(|| (word(544), samples)))
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RingError + '_ {
@@ -285,6 +319,13 @@ impl RingWriter {
     #[inline]
     pub fn wants_fds(&self, nr: u64) -> bool {
         bit(&self.m.header().fds, nr)
+    }
+
+    /// Publishes one observation of where `syscall` enters the kernel.
+    pub fn record_syscall_entry(&self, addr: u64) {
+        let h = self.m.header();
+        h.syscall_entry.store(addr, Ordering::Relaxed);
+        h.syscall_entry_samples.fetch_add(1, Ordering::Release);
     }
 
     /// One call left out because [`RingWriter::is_quiet`] said so.
@@ -712,6 +753,14 @@ impl RingReader {
         self.m.header().log_dropped.load(Ordering::Relaxed)
     }
 
+    /// The last observed kernel entry of the guest's `syscall` instruction
+    /// (LSTAR) and how many samples were taken; `None` before the first.
+    pub fn syscall_entry(&self) -> Option<(u64, u64)> {
+        let h = self.m.header();
+        let n = h.syscall_entry_samples.load(Ordering::Acquire);
+        (n > 0).then(|| (h.syscall_entry.load(Ordering::Relaxed), n))
+    }
+
     /// Calls the plugin left out because of the quiet table.
     pub fn quieted(&self) -> u64 {
         self.m.header().quieted.load(Ordering::Relaxed)
@@ -820,6 +869,28 @@ mod tests {
 
     fn entry(vcpu: u32, nr: u64, arg0: u64) -> Record {
         Record::entry(vcpu, nr, [arg0, 2, 3, 4, 5, 6], 0x1000, 0x401000)
+    }
+
+    #[test]
+    fn syscall_entry_is_published_and_peeked_without_the_reader_lock() {
+        let p = tmp("entry");
+        let w = RingWriter::create(&p, 8, "vm-e", &Filter::NONE, &Filter::NONE).unwrap();
+        let r = Ring::open(&p).unwrap();
+        assert_eq!(r.syscall_entry(), None);
+        assert_eq!(peek_syscall_entry(&p).unwrap(), None);
+        w.record_syscall_entry(0xffff_ffff_8120_0000);
+        w.record_syscall_entry(0xffff_ffff_c000_1000);
+        assert_eq!(r.syscall_entry(), Some((0xffff_ffff_c000_1000, 2)));
+        // The reader holds the lock; peeking still works.
+        assert_eq!(
+            peek_syscall_entry(&p).unwrap(),
+            Some((0xffff_ffff_c000_1000, 2))
+        );
+        std::fs::write(tmp("not-a-ring"), [0u8; 600]).unwrap();
+        assert!(matches!(
+            peek_syscall_entry(&tmp("not-a-ring")),
+            Err(RingError::BadMagic { .. })
+        ));
     }
 
     #[test]

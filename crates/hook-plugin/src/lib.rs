@@ -140,6 +140,11 @@ impl ReturnsGate {
 struct Plugin {
     ring: RingWriter,
     returns: ReturnsGate,
+    /// Per-vCPU flag: the next kernel block this vCPU runs is where its
+    /// `syscall` entered (the LSTAR MSR, which no QEMU monitor command shows).
+    entry_gate: EntryGate,
+    /// User `syscall` instructions executed, for sampling the entry.
+    user_syscalls: AtomicU64,
     vm: String,
     regs: OnceLock<Regs>,
     /// One GByteArray per vCPU, used only on that vCPU's thread.
@@ -164,6 +169,17 @@ struct Plugin {
     /// xftrace (kernel call flows, `callflow.rs`), when `xftrace=` is given.
     xftrace: Option<callflow::CallFlow>,
 }
+
+/// The syscall-entry gate's scoreboard slot.
+struct EntryGate(sys::qemu_plugin_u64);
+
+// SAFETY: as for ReturnsGate: a handle into a QEMU-owned scoreboard.
+unsafe impl Send for EntryGate {}
+// SAFETY: as above.
+unsafe impl Sync for EntryGate {}
+
+/// One `syscall` in this many has its kernel entry observed (the first one too).
+const ENTRY_SAMPLE_EVERY: u64 = 4096;
 
 /// Processes whose log doorbell buckets the plugin keeps at once.
 const LOG_BUCKETS: usize = 256;
@@ -319,7 +335,8 @@ fn install(
         .map(|path| callflow::CallFlow::new(id, path, cfg.xftrace_records, max_vcpus))
         .transpose()?;
     // SAFETY: plain allocation by QEMU; freed by QEMU at exit.
-    let board = unsafe { sys::qemu_plugin_scoreboard_new(8) };
+    // Per vCPU: the returns gate (offset 0) and the syscall-entry gate (8).
+    let board = unsafe { sys::qemu_plugin_scoreboard_new(16) };
     if board.is_null() {
         return Err("QEMU could not allocate a scoreboard".to_string());
     }
@@ -331,6 +348,11 @@ fn install(
                 offset: 0,
             },
         },
+        entry_gate: EntryGate(sys::qemu_plugin_u64 {
+            score: board,
+            offset: 8,
+        }),
+        user_syscalls: AtomicU64::new(0),
         vm: cfg.vm,
         regs: OnceLock::new(),
         bufs: (0..max_vcpus)
@@ -451,6 +473,20 @@ unsafe extern "C" fn tb_trans(_id: sys::qemu_plugin_id_t, tb: *mut sys::qemu_plu
     // SAFETY: `tb` is valid during this callback (QEMU's contract), and so are
     // the instruction handles it hands out.
     unsafe {
+        // Every kernel block, conditional on the entry gate (TCG tests it
+        // inline): the first one after a sampled `syscall` is its entry.
+        let start = sys::qemu_plugin_tb_vaddr(tb);
+        if let (Some(p), true) = (PLUGIN.get(), start >= USER_TOP) {
+            sys::qemu_plugin_register_vcpu_tb_exec_cond_cb(
+                tb,
+                Some(on_entry_block),
+                sys::qemu_plugin_cb_flags::QEMU_PLUGIN_CB_NO_REGS,
+                sys::qemu_plugin_cond::QEMU_PLUGIN_COND_NE,
+                p.entry_gate.0,
+                0,
+                start as usize as *mut c_void,
+            );
+        }
         for i in 0..sys::qemu_plugin_tb_n_insns(tb) {
             let insn = sys::qemu_plugin_tb_get_insn(tb, i);
             if let Some((cf, marks)) = xftrace {
@@ -490,6 +526,16 @@ unsafe extern "C" fn tb_trans(_id: sys::qemu_plugin_id_t, tb: *mut sys::qemu_plu
                 _ => sys::qemu_plugin_register_vcpu_insn_exec_cb(insn, cb, flags, udata),
             }
         }
+    }
+}
+
+/// The first kernel block after a sampled `syscall`: its address is where
+/// the instruction entered the kernel.
+unsafe extern "C" fn on_entry_block(vcpu: c_uint, udata: *mut c_void) {
+    if let Some(p) = PLUGIN.get() {
+        // SAFETY: our scoreboard slot of this vCPU.
+        unsafe { sys::qemu_plugin_u64_set(p.entry_gate.0, vcpu, 0) };
+        p.ring.record_syscall_entry(udata as u64);
     }
 }
 
@@ -871,6 +917,10 @@ unsafe extern "C" fn on_syscall(vcpu: c_uint, udata: *mut c_void) {
     let Some((p, r, buf)) = context(vcpu) else {
         return;
     };
+    if p.user_syscalls.fetch_add(1, Ordering::Relaxed) % ENTRY_SAMPLE_EVERY == 0 {
+        // SAFETY: our scoreboard slot of this vCPU (index < num_vcpus).
+        unsafe { sys::qemu_plugin_u64_set(p.entry_gate.0, vcpu, 1) };
+    }
     // SAFETY: registered with R_REGS; runs on `vcpu`'s own thread.
     let nr = unsafe { read(buf, r.rax) };
     if let Some(cf) = &p.xftrace {

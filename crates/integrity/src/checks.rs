@@ -392,6 +392,38 @@ pub fn ftrace_targets(base: &Baseline, guest: &LinuxGuest) -> Vec<u64> {
     out
 }
 
+/// The `syscall` instruction's kernel entry (LSTAR, as the plugin observed
+/// it) must be `entry_SYSCALL_64`.
+pub fn syscall_entry(
+    base: &Baseline,
+    guest: &LinuxGuest,
+    owners: &Owners,
+    seen: Option<(u64, u64)>,
+    r: &mut Report,
+) {
+    let Some((addr, samples)) = seen else {
+        return;
+    };
+    let Some(want) = base.profile.symbols.address_of("entry_SYSCALL_64") else {
+        r.warnings
+            .push("syscall entry: no entry_SYSCALL_64 symbol".into());
+        return;
+    };
+    r.coverage.syscall_entry_samples = samples;
+    let want = want + guest.location().virtual_slide;
+    if addr != want {
+        r.findings.push(Finding {
+            check: Check::SyscallEntry,
+            object: "syscall entry (LSTAR)".into(),
+            location: addr,
+            expected: Some(owners.target(base, want)),
+            actual: Some(owners.target(base, addr)),
+            module: owners.module_of(base, addr),
+            detail: format!("last of {samples} samples of where `syscall` entered the kernel"),
+        });
+    }
+}
+
 /// Bound on ftrace ops walked and on functions listed per ops.
 const MAX_FTRACE_OPS: usize = 4096;
 const MAX_FILTER_IPS: usize = 64;

@@ -16,6 +16,9 @@ pub enum Check {
     SyscallDispatch,
     /// An IDT gate, or the IDT register, is not what the kernel set up.
     Idt,
+    /// The `syscall` instruction enters the kernel somewhere else than
+    /// `entry_SYSCALL_64` (the LSTAR MSR was changed).
+    SyscallEntry,
     /// Kernel text differs from the image where the kernel never patches itself.
     InlineHook,
     /// An ftrace ops whose callback is not core kernel code.
@@ -36,6 +39,7 @@ impl Check {
             Check::SyscallTable => "syscall-table",
             Check::SyscallDispatch => "syscall-dispatch",
             Check::Idt => "idt",
+            Check::SyscallEntry => "syscall-entry",
             Check::InlineHook => "inline-hook",
             Check::Ftrace => "ftrace",
             Check::OpsPointer => "ops-pointer",
@@ -144,6 +148,8 @@ pub struct Coverage {
     pub syscall_entries: u64,
     pub dispatch_calls: u64,
     pub idt_gates: u64,
+    /// Samples of the `syscall` entry the check had (0: not checked).
+    pub syscall_entry_samples: u64,
     pub text_bytes: u64,
     pub text_bytes_patchable: u64,
     pub rodata_pointers: u64,

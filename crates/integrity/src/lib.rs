@@ -31,6 +31,10 @@ pub use patchsites::Intervals;
 pub struct CpuState {
     /// Each vCPU's IDT base (from the monitor); empty when unknown.
     pub idt_bases: Vec<u64>,
+    /// Where the guest's `syscall` instruction was last seen entering the
+    /// kernel (the LSTAR MSR, observed by the hook plugin) and the number of
+    /// samples; `None` when unknown (no plugin).
+    pub syscall_entry: Option<(u64, u64)>,
 }
 
 /// Runs every check on `guest` once.
@@ -46,6 +50,7 @@ pub fn scan(base: &Baseline, guest: &LinuxGuest, cpus: &CpuState) -> Report {
     checks::rodata(base, guest, &owners, &mut r);
     checks::data_slots(base, guest, &owners, &mut r);
     checks::idt(base, guest, &owners, &cpus.idt_bases, &mut r);
+    checks::syscall_entry(base, guest, &owners, cpus.syscall_entry, &mut r);
     checks::ftrace(base, guest, &owners, &mut r);
     checks::hidden_processes(base, guest, &mut r);
     r.findings.sort_by_key(|f| (f.check, f.location));

@@ -28,11 +28,20 @@ pub fn run(args: &ScanArgs) -> Result<bool> {
     if let Some(name) = &args.target.vm {
         // The IDT register is CPU state, not memory: ask the monitor. A VM
         // whose monitor does not answer is still scanned (with a warning).
-        match lab::Vm::open(name).and_then(|vm| vm.qmp()?.idt_bases()) {
+        let vm = lab::Vm::open(name)?;
+        match vm.qmp().and_then(|mut q| q.idt_bases()) {
             Ok(b) => cpus.idt_bases = b,
             Err(e) => {
                 eprintln!("vmwatch: warning: IDT registers not read ({e}); scanning memory only")
             }
+        }
+        // Where `syscall` enters the kernel (LSTAR), as the hook plugin saw it.
+        match vm.info().ring.as_deref().map(events::peek_syscall_entry) {
+            Some(Ok(seen)) => cpus.syscall_entry = seen,
+            Some(Err(e)) => eprintln!("vmwatch: warning: syscall entry not read ({e})"),
+            None => eprintln!(
+                "vmwatch: warning: the VM runs without the hook plugin: the syscall entry (LSTAR) is not checked"
+            ),
         }
     }
     let report = integrity::scan(&base, &guest, &cpus);

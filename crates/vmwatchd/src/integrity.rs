@@ -281,6 +281,9 @@ fn scanner(svc: Arc<IntegrityService>, ctx: VmContext, stop: Arc<AtomicBool>) {
                         cpus.idt_bases = b;
                     }
                 }
+                if let Some(ring) = vm.info().ring.as_deref() {
+                    cpus.syscall_entry = events::peek_syscall_entry(ring).ok().flatten();
+                }
                 if let Some(g) = &guest {
                     match svc.baseline(g, &vm.info().vmlinux) {
                         Ok(base) => {
