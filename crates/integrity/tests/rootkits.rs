@@ -88,6 +88,8 @@ impl Lab {
                 .qmp()
                 .and_then(|mut q| q.idt_bases())
                 .expect("info registers"),
+            // Without the hook plugin (this VM has none) the entry is unknown.
+            syscall_entry: None,
         };
         assert!(!cpus.idt_bases.is_empty());
         let r = integrity::scan(&self.base, &self.guest, &cpus);
