@@ -38,6 +38,29 @@ pub struct GuestNames {
 /// Locates the kernel (`vmlinux`, the ELF the guest booted) in `mem` and
 /// reads its module list. Never pauses the guest.
 pub fn guest_names(mem: Arc<dyn PhysicalMemory>, vmlinux: &Path) -> Result<GuestNames, HostError> {
+    let a = attach_guest(mem, vmlinux)?;
+    Ok(GuestNames {
+        symbolizer: a.names,
+        warnings: a.warnings,
+    })
+}
+
+/// A live guest with its kernel located, the image's BTF, and the names of
+/// its kernel and module addresses (read when attached).
+pub struct AttachedGuest {
+    pub guest: LinuxGuest,
+    pub btf: Option<Btf>,
+    pub names: Symbolizer,
+    /// Problems met reading the module list or module symbols.
+    pub warnings: Vec<String>,
+}
+
+/// Locates the kernel (`vmlinux`) in `mem`, parses its BTF and reads the
+/// module list (shared by the TCG and the guest-module paths).
+pub fn attach_guest(
+    mem: Arc<dyn PhysicalMemory>,
+    vmlinux: &Path,
+) -> Result<AttachedGuest, HostError> {
     let path = vmlinux.display().to_string();
     let image = KernelImage::open(vmlinux).map_err(|source| HostError::Image {
         path: path.clone(),
@@ -49,9 +72,11 @@ pub fn guest_names(mem: Arc<dyn PhysicalMemory>, vmlinux: &Path) -> Result<Guest
     })?;
     let btf = image.btf().and_then(|b| Btf::parse(b).ok());
     let guest = LinuxGuest::attach(mem, Arc::new(profile))?;
-    let (symbolizer, warnings) = Symbolizer::from_guest(&guest, btf.as_ref());
-    Ok(GuestNames {
-        symbolizer,
+    let (names, warnings) = Symbolizer::from_guest(&guest, btf.as_ref());
+    Ok(AttachedGuest {
+        guest,
+        btf,
+        names,
         warnings,
     })
 }

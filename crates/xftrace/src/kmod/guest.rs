@@ -8,8 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use vmi::btf::Btf;
-use vmi::image::KernelImage;
-use vmi::linux::{KernelProfile, LinuxGuest};
+use vmi::linux::LinuxGuest;
 use vmi::memory::{PhysRange, PhysicalMemory};
 use vmi::paging::AddressSpace;
 
@@ -17,7 +16,6 @@ use super::{
     read_header, Access, KmodError, Target, BUFFER_SYMBOL, HEADER_SIZE, KEY_SYMBOL, MAX_CAPACITY,
     MODULE_NAME, RECORD_SIZE,
 };
-use crate::host::HostError;
 use crate::symbolize::{ModLayout, Symbolizer};
 
 /// A live guest, located, with its names.
@@ -34,23 +32,12 @@ pub struct Attached {
 /// Locates the kernel (`vmlinux`, the ELF the guest booted) in `mem` and
 /// reads its module list. Never pauses the guest.
 pub fn attach(mem: Arc<dyn PhysicalMemory>, vmlinux: &Path) -> Result<Attached, KmodError> {
-    let path = vmlinux.display().to_string();
-    let image = KernelImage::open(vmlinux).map_err(|source| HostError::Image {
-        path: path.clone(),
-        source,
-    })?;
-    let profile = KernelProfile::from_image(&image).map_err(|source| HostError::Profile {
-        path: path.clone(),
-        source,
-    })?;
-    let btf = image.btf().and_then(|b| Btf::parse(b).ok());
-    let guest = LinuxGuest::attach(mem, Arc::new(profile)).map_err(HostError::Attach)?;
-    let (names, warnings) = Symbolizer::from_guest(&guest, btf.as_ref());
+    let a = crate::host::attach_guest(mem, vmlinux)?;
     Ok(Attached {
-        guest,
-        btf,
-        names,
-        warnings,
+        guest: a.guest,
+        btf: a.btf,
+        names: a.names,
+        warnings: a.warnings,
     })
 }
 
