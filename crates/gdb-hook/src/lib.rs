@@ -66,6 +66,8 @@ const NR_ARCH_PRCTL: u64 = 158;
 const ARCH_SET_FS: u64 = 0x1002;
 /// Entries recorded between sweeps of the pending table (as the plugin).
 const SWEEP_EVERY: u64 = 4096;
+/// Bound on the per-vCPU state (QEMU's thread ids come from the target).
+const MAX_VCPUS: usize = 1024;
 /// `struct pt_regs` (kernel ABI, same order as ptrace's `user_regs_struct`):
 /// offsets of `ax` and `sp` in the frame the entry code builds.
 const PT_REGS_AX: u64 = 80;
@@ -136,6 +138,9 @@ pub struct Stats {
     pub unpaired: u64,
     /// Entries dropped because their thread died in the syscall.
     pub stale: u64,
+    /// Entry stops that repeated the vCPU's previous stop register for
+    /// register (the same `syscall` reported twice), not recorded again.
+    pub rereported: u64,
     /// Time the VM was held stopped by us: from each stop reply to the
     /// resume (excludes QEMU's own stop/resume work and the protocol wait).
     pub held_ns: u64,
@@ -150,11 +155,12 @@ impl Stats {
         let per_hit = self.held_ns.checked_div(hits).unwrap_or(0);
         let per_call = self.held_ns.checked_div(self.entry_hits).unwrap_or(0);
         format!(
-            "{hits} breakpoint hits ({} entries, {} returns, {} steps, {} other stops), {} records, {} dropped, {} unnamed; VM held {:.1} ms in all: {:.1} us per hit, {:.1} us per hooked syscall (host side), over {:.1} s",
+            "{hits} breakpoint hits ({} entries, {} returns, {} steps, {} other stops, {} re-reported), {} records, {} dropped, {} unnamed; VM held {:.1} ms in all: {:.1} us per hit, {:.1} us per hooked syscall (host side), over {:.1} s",
             self.entry_hits,
             self.return_hits,
             self.steps,
             self.other_stops,
+            self.rereported,
             self.records,
             self.dropped,
             self.unnamed,
@@ -204,7 +210,7 @@ pub struct Site {
 }
 
 /// Registers read at a hit.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct Regs {
     rax: u64,
     rcx: u64,
@@ -246,6 +252,9 @@ pub struct GdbHook {
     stats: Stats,
     /// Entries to record before the next sweep of the pending table.
     until_sweep: u64,
+    /// Per vCPU (bounded): the registers of its last stop when that stop
+    /// was at the entry, to recognise the same hit reported twice.
+    last_entry: Vec<Option<Regs>>,
     state: State,
     poll: Duration,
     info: AttachInfo,
@@ -437,6 +446,7 @@ impl GdbHook {
             capture,
             stats: Stats::default(),
             until_sweep: SWEEP_EVERY,
+            last_entry: Vec::new(),
             state: State::Running,
             poll: options.poll,
             info,
@@ -498,9 +508,28 @@ impl GdbHook {
         let r = self.read_regs()?;
         // QEMU numbers threads cpu_index + 1.
         let vcpu = thread.unwrap_or(1).saturating_sub(1);
+        let slot = (vcpu as usize) % MAX_VCPUS;
+        if self.last_entry.len() <= slot {
+            self.last_entry.resize(slot + 1, None);
+        }
+        let last = self.last_entry[slot];
+        if r.rip != self.entry.addr {
+            // A return (of any task, on any vCPU) or another stop ends
+            // every candidate: a task may return on another vCPU.
+            self.last_entry.fill(None);
+        }
         if r.rip == self.entry.addr {
             self.stats.entry_hits += 1;
-            if let Some(ring) = ring {
+            self.last_entry[slot] = Some(r);
+            // A second stop at the entry with every register as at this
+            // vCPU's previous stop, and nothing in between, is the same
+            // `syscall` (seen once in CI under TCG, single-stepping with the
+            // breakpoint removed): a new call of a recorded thread would
+            // have stopped at the return first, which stays armed while a
+            // recorded entry waits.
+            if last == Some(r) {
+                self.stats.rereported += 1;
+            } else if let Some(ring) = ring {
                 self.on_entry(vcpu, &r, ring);
             }
             Ok(Some((self.entry, r)))
