@@ -15,18 +15,21 @@
 
 pub mod capture;
 pub mod format;
+pub mod msrs;
 pub mod payload;
 pub mod record;
 pub mod ring;
 pub mod syscalls;
 
+pub use msrs::{EntryMsr, EntryMsrs, MSR_VCPU_SLOTS};
 pub use payload::{FileId, FileKind, Item, PayloadBuf};
 pub use record::{
     Kind, Record, FLAG_PAYLOAD_CUT, FLAG_TASK, LOG_DOORBELL, LOG_DOORBELL_LEAF, LOG_MAX, LOG_SLICE,
     NO_ENTRY,
 };
 pub use ring::{
-    peek_syscall_entry, Ring, RingError, RingReader, RingWriter, FORMAT_VERSION, MAGIC,
+    peek_entry_msrs, peek_syscall_entry, Ring, RingError, RingReader, RingWriter, FORMAT_VERSION,
+    MAGIC,
 };
 pub use syscalls::{Filter, FilterError};
 

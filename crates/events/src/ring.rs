@@ -24,6 +24,12 @@
 //!        528 control: log burst (u64): that bucket's size in doorbells
 //!        536 log dropped (u64): doorbells the plugin refused (rate limit),
 //!            all processes
+//!        544 syscall entry (u64): the first kernel address run after a
+//!            sampled user `syscall`; 552 its sample count
+//!        560 syscall-entry MSR writes seen (u64); 568 per MSR (LSTAR,
+//!            CSTAR, SYSENTER_EIP) the address of the last `wrmsr` to it;
+//!            592 per vCPU slot (16) the three values last written;
+//!            976 per MSR the word on top of the stack at the last `wrmsr`
 //!        1024 control: the quiet table, 128 entries of (task u64, tgid u64):
 //!            thread-group leaders whose quiet syscalls the consumer does not
 //!            need (e.g. reads by a process the diffusion engine manages
@@ -66,6 +72,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use memmap2::MmapRaw;
 
+use crate::msrs::{EntryMsr, EntryMsrs, MSR_VCPU_SLOTS};
 use crate::record::{Kind, Record};
 use crate::syscalls::Filter;
 
@@ -121,7 +128,16 @@ struct Header {
     syscall_entry: AtomicU64,
     /// Samples taken of `syscall_entry`.
     syscall_entry_samples: AtomicU64,
-    _pad4: [u8; 464],
+    /// Writes the plugin observed to the syscall-entry MSRs.
+    msr_writes: AtomicU64,
+    /// Per MSR ([`EntryMsr::slot`]): the address of the last `wrmsr` to it.
+    msr_writer: [AtomicU64; 3],
+    /// Per vCPU slot, per MSR: the value last written.
+    msr_values: [[AtomicU64; 3]; MSR_VCPU_SLOTS],
+    /// Per MSR: the word on top of the stack at that `wrmsr` (the caller's
+    /// return address when the `wrmsr` is in a leaf accessor).
+    msr_caller: [AtomicU64; 3],
+    _pad4: [u8; 24],
     /// (task, tgid) pairs.
     quiet_table: [[AtomicU64; 2]; QUIET_SLOTS],
 }
@@ -139,6 +155,10 @@ const _: () = {
     assert!(std::mem::offset_of!(Header, log_burst) == 528);
     assert!(std::mem::offset_of!(Header, log_dropped) == 536);
     assert!(std::mem::offset_of!(Header, syscall_entry) == 544);
+    assert!(std::mem::offset_of!(Header, msr_writes) == 560);
+    assert!(std::mem::offset_of!(Header, msr_writer) == 568);
+    assert!(std::mem::offset_of!(Header, msr_values) == 592);
+    assert!(std::mem::offset_of!(Header, msr_caller) == 976);
     assert!(std::mem::offset_of!(Header, quiet_table) == 1024);
     assert!(std::mem::size_of::<Header>() <= HEADER_SIZE);
 };
@@ -211,8 +231,34 @@ impl Mapping {
 /// read from a ring's header without becoming its reader (vmwatchd may own
 /// the ring). `None` before the first sample.
 pub fn peek_syscall_entry(path: &Path) -> Result<Option<(u64, u64)>, RingError> {
+    let head = peek_header(path)?;
+    let samples = le_word(&head, 552);
+    Ok((samples > 0).then(|| (le_word(&head, 544), samples)))
+}
+
+/// What the plugin saw written to the syscall-entry MSRs, read from a ring's
+/// header without becoming its reader.
+pub fn peek_entry_msrs(path: &Path) -> Result<EntryMsrs, RingError> {
+    let head = peek_header(path)?;
+    let mut m = EntryMsrs {
+        writes: le_word(&head, 560),
+        ..EntryMsrs::default()
+    };
+    for i in 0..3 {
+        m.last_writer[i] = le_word(&head, 568 + 8 * i);
+        m.last_caller[i] = le_word(&head, 976 + 8 * i);
+    }
+    m.values = (0..MSR_VCPU_SLOTS)
+        .map(|cpu| std::array::from_fn(|i| le_word(&head, 592 + 24 * cpu + 8 * i)))
+        .collect();
+    Ok(m)
+}
+
+/// The first kilobyte of a ring file (the fixed header fields), checked for
+/// magic and version.
+fn peek_header(path: &Path) -> Result<[u8; 1024], RingError> {
     use std::io::Read;
-    let mut head = [0u8; 560];
+    let mut head = [0u8; 1024];
     File::open(path)
         .and_then(|mut f| f.read_exact(&mut head))
         .map_err(io(path))?;
@@ -229,9 +275,13 @@ pub fn peek_syscall_entry(path: &Path) -> Result<Option<(u64, u64)>, RingError> 
             expected: FORMAT_VERSION,
         });
     }
-    let word = |o: usize| u64::from_le_bytes(head[o..o + 8].try_into().unwrap_or_default());
-    let samples = word(552);
-    Ok((samples > 0).then(|| (word(544), samples)))
+    Ok(head)
+}
+
+fn le_word(head: &[u8], at: usize) -> u64 {
+    head.get(at..at + 8)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u64::from_le_bytes)
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RingError + '_ {
@@ -326,6 +376,17 @@ impl RingWriter {
         let h = self.m.header();
         h.syscall_entry.store(addr, Ordering::Relaxed);
         h.syscall_entry_samples.fetch_add(1, Ordering::Release);
+    }
+
+    /// Publishes a `wrmsr` of `value` to `msr` by vCPU `vcpu`, at `writer`,
+    /// with `caller` the word on top of the stack then.
+    pub fn record_msr_write(&self, vcpu: u32, msr: EntryMsr, value: u64, writer: u64, caller: u64) {
+        let h = self.m.header();
+        let cpu = (vcpu as usize).min(MSR_VCPU_SLOTS - 1);
+        h.msr_values[cpu][msr.slot()].store(value, Ordering::Relaxed);
+        h.msr_writer[msr.slot()].store(writer, Ordering::Relaxed);
+        h.msr_caller[msr.slot()].store(caller, Ordering::Relaxed);
+        h.msr_writes.fetch_add(1, Ordering::Release);
     }
 
     /// One call left out because [`RingWriter::is_quiet`] said so.
@@ -761,6 +822,21 @@ impl RingReader {
         (n > 0).then(|| (h.syscall_entry.load(Ordering::Relaxed), n))
     }
 
+    /// What the plugin saw written to the syscall-entry MSRs.
+    pub fn entry_msrs(&self) -> EntryMsrs {
+        let h = self.m.header();
+        EntryMsrs {
+            writes: h.msr_writes.load(Ordering::Acquire),
+            last_writer: std::array::from_fn(|i| h.msr_writer[i].load(Ordering::Relaxed)),
+            last_caller: std::array::from_fn(|i| h.msr_caller[i].load(Ordering::Relaxed)),
+            values: h
+                .msr_values
+                .iter()
+                .map(|v| std::array::from_fn(|i| v[i].load(Ordering::Relaxed)))
+                .collect(),
+        }
+    }
+
     /// Calls the plugin left out because of the quiet table.
     pub fn quieted(&self) -> u64 {
         self.m.header().quieted.load(Ordering::Relaxed)
@@ -886,11 +962,48 @@ mod tests {
             peek_syscall_entry(&p).unwrap(),
             Some((0xffff_ffff_c000_1000, 2))
         );
-        std::fs::write(tmp("not-a-ring"), [0u8; 600]).unwrap();
+        std::fs::write(tmp("not-a-ring"), [0u8; 4096]).unwrap();
         assert!(matches!(
             peek_syscall_entry(&tmp("not-a-ring")),
             Err(RingError::BadMagic { .. })
         ));
+    }
+
+    #[test]
+    fn entry_msr_writes_are_kept_per_vcpu_and_peeked() {
+        let p = tmp("msrs");
+        let w = RingWriter::create(&p, 8, "vm-m", &Filter::NONE, &Filter::NONE).unwrap();
+        let r = Ring::open(&p).unwrap();
+        let none = peek_entry_msrs(&p).unwrap();
+        assert_eq!((none.writes, none.observed().count()), (0, 0));
+        assert_eq!(none.values.len(), MSR_VCPU_SLOTS);
+        let (lstar0, lstar1) = (0xffff_ffff_8100_0000, 0xffff_ffff_c000_2000);
+        let (accessor, module) = (0xffff_ffff_8105_0008, 0xffff_ffff_c000_1000);
+        w.record_msr_write(0, EntryMsr::Lstar, lstar0, accessor, 1);
+        w.record_msr_write(1, EntryMsr::Lstar, lstar1, accessor, module);
+        w.record_msr_write(1, EntryMsr::SysenterEip, 0xffff_ffff_8100_1000, accessor, 2);
+        // vCPUs past the last slot share it.
+        w.record_msr_write(99, EntryMsr::Cstar, 7, 8, 9);
+        let m = peek_entry_msrs(&p).unwrap();
+        assert_eq!(m, r.entry_msrs());
+        assert_eq!(m.writes, 4);
+        assert_eq!(
+            (
+                m.last_writer(EntryMsr::Lstar),
+                m.last_caller[EntryMsr::Lstar.slot()]
+            ),
+            (Some(accessor), module)
+        );
+        let seen: Vec<_> = m.observed().collect();
+        assert_eq!(
+            seen,
+            [
+                (0, EntryMsr::Lstar, lstar0),
+                (1, EntryMsr::Lstar, lstar1),
+                (1, EntryMsr::SysenterEip, 0xffff_ffff_8100_1000),
+                (MSR_VCPU_SLOTS - 1, EntryMsr::Cstar, 7),
+            ]
+        );
     }
 
     #[test]

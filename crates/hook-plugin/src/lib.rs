@@ -463,7 +463,8 @@ unsafe extern "C" fn vcpu_init(_id: sys::qemu_plugin_id_t, vcpu: c_uint) {
 
 const USER_TOP: u64 = 1 << 63;
 
-/// Translation-time filter: instrument only the three instructions we need.
+/// Translation-time filter: instrument only the instructions we need (user
+/// `syscall` and `cpuid`; kernel returns to user and MSR writes).
 unsafe extern "C" fn tb_trans(_id: sys::qemu_plugin_id_t, tb: *mut sys::qemu_plugin_tb) {
     // xftrace's call/ret instrumentation, only while it records (one load otherwise).
     let xftrace = PLUGIN
@@ -507,6 +508,9 @@ unsafe extern "C" fn tb_trans(_id: sys::qemu_plugin_id_t, tb: *mut sys::qemu_plu
                 [0x0f, 0xa2] if user => (Some(on_cpuid), false),
                 [0x48, 0x0f, 0x07] if !user => (Some(on_sysret), true),
                 [0x48, 0xcf] if !user => (Some(on_iret), true),
+                // MSR writes (`wrmsr`, `wrmsrns`): the syscall-entry MSRs
+                // are checked against the kernel image by integrity scans.
+                [0x0f, 0x30] | [0x0f, 0x01, 0xc6] if !user => (Some(on_wrmsr), false),
                 _ => continue,
             };
             // The instruction's address travels as userdata: `rip` read in the
@@ -1098,6 +1102,29 @@ unsafe extern "C" fn on_cpuid(vcpu: c_uint, udata: *mut c_void) {
 unsafe extern "C" fn on_sysret(vcpu: c_uint, udata: *mut c_void) {
     // SAFETY: same contract as on_return.
     unsafe { on_return(vcpu, udata, false) }
+}
+
+/// Before a kernel `wrmsr`: publishes writes to the syscall-entry MSRs
+/// (LSTAR, CSTAR, SYSENTER_EIP) and where they came from. Other MSRs (timer,
+/// FS base on context switches) cost one register read.
+unsafe extern "C" fn on_wrmsr(vcpu: c_uint, udata: *mut c_void) {
+    let Some((p, r, buf)) = context(vcpu) else {
+        return;
+    };
+    // SAFETY: registered with R_REGS; runs on `vcpu`'s own thread.
+    let ecx = unsafe { read(buf, r.rcx) } as u32;
+    let Some(msr) = events::EntryMsr::from_number(ecx) else {
+        return;
+    };
+    // SAFETY: as above.
+    let (eax, edx, rsp) = unsafe { (read(buf, r.rax), read(buf, r.rdx), read(buf, r.rsp)) };
+    let value = (edx << 32) | (eax & 0xffff_ffff);
+    // Paravirt kernels write MSRs in `native_write_msr`, a leaf: the top of
+    // the stack is its caller, the code that chose the value.
+    // SAFETY: as above; the kernel stack is mapped in the current CR3.
+    let caller = unsafe { read_u64(buf, rsp) }.unwrap_or(0);
+    p.ring
+        .record_msr_write(vcpu, msr, value, udata as u64, caller);
 }
 
 /// Before `iretq`: a return to user mode only if `swapgs` already ran.

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeSet;
 
+use events::{EntryMsr, EntryMsrs};
 use vmi::linux::LinuxGuest;
 
 use crate::baseline::{read_u64, Baseline};
@@ -420,6 +421,82 @@ pub fn syscall_entry(
             actual: Some(owners.target(base, addr)),
             module: owners.module_of(base, addr),
             detail: format!("last of {samples} samples of where `syscall` entered the kernel"),
+        });
+    }
+}
+
+/// What the kernel itself writes to each syscall-entry MSR (`syscall_init`
+/// / `idt_syscall_init`): any of these symbols, or 0 where the kernel
+/// disables the path (no ia32 emulation).
+fn entry_msr_targets(msr: EntryMsr) -> &'static [&'static str] {
+    match msr {
+        EntryMsr::Lstar => &["entry_SYSCALL_64"],
+        EntryMsr::Cstar => &[
+            "entry_SYSCALL_compat",
+            // No ia32 emulation: 6.1 points it at a `sysret`, 6.12 at a stub.
+            "ignore_sysret",
+            "entry_SYSCALL32_ignore",
+        ],
+        EntryMsr::SysenterEip => &["entry_SYSENTER_compat"],
+    }
+}
+
+/// The syscall-entry MSRs as the hook plugin saw the guest write them (every
+/// kernel `wrmsr` is instrumented), per vCPU: LSTAR must hold
+/// `entry_SYSCALL_64`, CSTAR and SYSENTER_EIP the kernel's compat entries.
+/// A finding names the value, its owner and the `wrmsr` that last wrote it.
+pub fn entry_msrs(
+    base: &Baseline,
+    guest: &LinuxGuest,
+    owners: &Owners,
+    msrs: &EntryMsrs,
+    r: &mut Report,
+) {
+    r.coverage.entry_msr_writes = msrs.writes;
+    let slide = guest.location().virtual_slide;
+    for (cpu, msr, value) in msrs.observed() {
+        let wants: Vec<u64> = entry_msr_targets(msr)
+            .iter()
+            .filter_map(|s| base.profile.symbols.address_of(s))
+            .map(|a| a + slide)
+            .collect();
+        let Some(&want) = wants.first() else {
+            r.warnings
+                .push(format!("{}: no kernel symbol to compare with", msr.name()));
+            continue;
+        };
+        if wants.contains(&value) {
+            continue;
+        }
+        let cpus = if cpu + 1 == events::MSR_VCPU_SLOTS {
+            format!("vCPU {cpu} or later")
+        } else {
+            format!("vCPU {cpu}")
+        };
+        let caller = msrs.last_caller[msr.slot()];
+        let detail = match msrs.last_writer(msr) {
+            // The kernel's own MSR accessor: name who called it.
+            Some(w)
+                if owners.module_of(base, w).is_none()
+                    && owners.module_of(base, caller).is_some() =>
+            {
+                format!(
+                    "last written by `wrmsr` at {}, called from {}",
+                    owners.target(base, w),
+                    owners.target(base, caller)
+                )
+            }
+            Some(w) => format!("last written by `wrmsr` at {}", owners.target(base, w)),
+            None => String::new(),
+        };
+        r.findings.push(Finding {
+            check: Check::SyscallEntry,
+            object: format!("{} of {cpus}", msr.name()),
+            location: value,
+            expected: Some(owners.target(base, want)),
+            actual: Some(owners.target(base, value)),
+            module: owners.module_of(base, value),
+            detail,
         });
     }
 }

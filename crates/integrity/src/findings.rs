@@ -150,6 +150,8 @@ pub struct Coverage {
     pub idt_gates: u64,
     /// Samples of the `syscall` entry the check had (0: not checked).
     pub syscall_entry_samples: u64,
+    /// Writes to the syscall-entry MSRs the hook plugin saw (0: not checked).
+    pub entry_msr_writes: u64,
     pub text_bytes: u64,
     pub text_bytes_patchable: u64,
     pub rodata_pointers: u64,

@@ -35,6 +35,9 @@ pub struct CpuState {
     /// kernel (the LSTAR MSR, observed by the hook plugin) and the number of
     /// samples; `None` when unknown (no plugin).
     pub syscall_entry: Option<(u64, u64)>,
+    /// The syscall-entry MSRs (LSTAR, CSTAR, SYSENTER_EIP) per vCPU as the
+    /// hook plugin saw the guest write them; `None` when unknown (no plugin).
+    pub entry_msrs: Option<events::EntryMsrs>,
 }
 
 /// Runs every check on `guest` once.
@@ -51,6 +54,9 @@ pub fn scan(base: &Baseline, guest: &LinuxGuest, cpus: &CpuState) -> Report {
     checks::data_slots(base, guest, &owners, &mut r);
     checks::idt(base, guest, &owners, &cpus.idt_bases, &mut r);
     checks::syscall_entry(base, guest, &owners, cpus.syscall_entry, &mut r);
+    if let Some(msrs) = &cpus.entry_msrs {
+        checks::entry_msrs(base, guest, &owners, msrs, &mut r);
+    }
     checks::ftrace(base, guest, &owners, &mut r);
     checks::hidden_processes(base, guest, &mut r);
     r.findings.sort_by_key(|f| (f.check, f.location));

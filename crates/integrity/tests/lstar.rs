@@ -1,13 +1,16 @@
-//! The syscall entry MSR (LSTAR), which no QEMU monitor command shows: the
-//! hook plugin samples where the guest's `syscall` instruction enters the
-//! kernel, and the scan compares it with `entry_SYSCALL_64`. The test
-//! rootkit `rk_lstar` (guest/kmods) points LSTAR at a stub in the module;
-//! ground truth is the stub address it prints. Needs `pti=off` (the stub runs
-//! before the kernel's page-table switch).
+//! The syscall entry MSRs (LSTAR, SYSENTER_EIP, CSTAR), which no QEMU
+//! monitor command shows: the hook plugin samples where the guest's
+//! `syscall` instruction enters the kernel and sees every kernel `wrmsr`, and
+//! the scan compares both with the kernel's entry symbols. The test rootkit
+//! `rk_lstar` (guest/kmods) points one MSR (`msr=`) at a stub in the module;
+//! ground truth is what it prints: the stub and the value it read with
+//! `rdmsr` before. Needs `pti=off` (the LSTAR stub runs before the kernel's
+//! page-table switch).
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use events::EntryMsr;
 use integrity::{Baseline, Check, CpuState, Report};
 use lab::vm::ExecOptions;
 use lab::{Flavour, Pti, UpOptions, Vm};
@@ -82,9 +85,11 @@ fn lstar_is_checked(flavour: Flavour, tag: &str) {
         let cpus = CpuState {
             idt_bases: Vec::new(),
             syscall_entry: events::peek_syscall_entry(&ring).unwrap(),
+            entry_msrs: Some(events::peek_entry_msrs(&ring).unwrap()),
         };
         integrity::scan(&base, &guest, &cpus)
     };
+    let msrs = || events::peek_entry_msrs(&ring).unwrap();
     let ko = lab::util::cache_dir()
         .join("kmods")
         .join(&vm.info().kernel_release)
@@ -101,40 +106,104 @@ fn lstar_is_checked(flavour: Flavour, tag: &str) {
         )
         .unwrap();
     assert!(out.success());
+    let vcpus: usize = sh(vm, "nproc").trim().parse().unwrap();
+    let slide = guest.location().virtual_slide;
+    let symbol = |name: &str| base.profile.symbols.address_of(name).unwrap() + slide;
 
-    // Clean: sampled, and it is entry_SYSCALL_64.
+    // Clean: sampled, every vCPU's boot-time writes seen, and they are the
+    // kernel's entries.
     busy(vm);
     let r = scan();
     assert!(
         r.coverage.syscall_entry_samples > 0,
         "no sample of the syscall entry"
     );
+    assert!(r.coverage.entry_msr_writes >= vcpus as u64 * 2);
     assert!(r.findings.is_empty(), "{:?}", r.findings);
+    let clean = msrs();
+    for cpu in 0..vcpus {
+        assert_eq!(
+            clean.values[cpu][EntryMsr::Lstar.slot()],
+            symbol("entry_SYSCALL_64")
+        );
+        assert_eq!(
+            clean.values[cpu][EntryMsr::SysenterEip.slot()],
+            symbol("entry_SYSENTER_compat")
+        );
+    }
     let before = r.coverage.syscall_entry_samples;
 
-    sh(vm, "insmod /root/rk_lstar.ko");
-    let line = sh(vm, "dmesg | grep 'rk_lstar: hooked'");
-    let at = line.find("stub=").unwrap() + 5;
-    let stub = u64::from_str_radix(&line[at..at + 16], 16).unwrap();
-    busy(vm);
-    let r = scan();
-    assert!(r.coverage.syscall_entry_samples > before);
-    let f: Vec<_> = r
-        .findings
-        .iter()
-        .filter(|f| f.check == Check::SyscallEntry)
-        .collect();
-    assert_eq!(f.len(), 1, "{:?}", r.findings);
-    assert_eq!(f[0].actual.as_ref().unwrap().addr, stub);
-    assert_eq!(f[0].module.as_deref(), Some("rk_lstar"));
-    let want = base.profile.symbols.address_of("entry_SYSCALL_64").unwrap()
-        + guest.location().virtual_slide;
-    assert_eq!(f[0].expected.as_ref().unwrap().addr, want);
+    // Each MSR in turn: every vCPU's value found, named and located; the
+    // `old=` the module read with rdmsr is what the plugin saw written.
+    for (param, msr) in [
+        ("lstar", EntryMsr::Lstar),
+        ("sysenter", EntryMsr::SysenterEip),
+        ("cstar", EntryMsr::Cstar),
+    ] {
+        sh(
+            vm,
+            &format!("dmesg -C; insmod /root/rk_lstar.ko msr={param}"),
+        );
+        let line = sh(vm, &format!("dmesg | grep 'rk_lstar: hooked {param}'"));
+        let hex = |key: &str| {
+            let at = line.find(key).unwrap() + key.len();
+            u64::from_str_radix(&line[at..at + 16], 16).unwrap()
+        };
+        let (stub, old) = (hex("stub="), hex("old="));
+        let vcpu0 = clean.values[0][msr.slot()];
+        assert_eq!(
+            old, vcpu0,
+            "{param}: the guest's rdmsr vs the plugin's view"
+        );
+        if msr == EntryMsr::Lstar {
+            busy(vm);
+        }
+        let r = scan();
+        let f: Vec<_> = r
+            .findings
+            .iter()
+            .filter(|f| f.check == Check::SyscallEntry)
+            .collect();
+        let sampled = usize::from(msr == EntryMsr::Lstar);
+        assert_eq!(f.len(), vcpus + sampled, "{param}: {:?}", r.findings);
+        assert_eq!(r.findings.len(), f.len(), "{param}: {:?}", r.findings);
+        for f in &f {
+            assert_eq!(f.actual.as_ref().unwrap().addr, stub, "{f}");
+            assert_eq!(f.module.as_deref(), Some("rk_lstar"), "{f}");
+        }
+        let per_cpu: Vec<_> = f
+            .iter()
+            .filter(|f| f.object.starts_with(msr.name()))
+            .collect();
+        assert_eq!(per_cpu.len(), vcpus, "{param}: {:?}", r.findings);
+        // Who wrote it: the module's own `wrmsr`.
+        assert!(per_cpu[0].detail.contains("[rk_lstar]"), "{}", per_cpu[0]);
+        if msr != EntryMsr::Cstar || vcpu0 != 0 {
+            assert_eq!(per_cpu[0].expected.as_ref().unwrap().addr, vcpu0);
+        }
+        if msr == EntryMsr::Lstar {
+            assert!(r.coverage.syscall_entry_samples > before);
+            let want = symbol("entry_SYSCALL_64");
+            assert!(f.iter().all(|f| f.expected.as_ref().unwrap().addr == want));
+        }
 
-    sh(vm, "rmmod rk_lstar");
-    busy(vm);
-    let r = scan();
-    assert!(r.findings.is_empty(), "after rmmod: {:?}", r.findings);
+        sh(vm, "rmmod rk_lstar");
+        if msr == EntryMsr::Lstar {
+            busy(vm);
+        }
+        let r = scan();
+        assert!(
+            r.findings.is_empty(),
+            "after rmmod ({param}): {:?}",
+            r.findings
+        );
+        for cpu in 0..vcpus {
+            assert_eq!(
+                msrs().values[cpu][msr.slot()],
+                clean.values[cpu][msr.slot()]
+            );
+        }
+    }
 }
 
 #[test]

@@ -90,6 +90,7 @@ impl Lab {
                 .expect("info registers"),
             // Without the hook plugin (this VM has none) the entry is unknown.
             syscall_entry: None,
+            entry_msrs: None,
         };
         assert!(!cpus.idt_bases.is_empty());
         let r = integrity::scan(&self.base, &self.guest, &cpus);

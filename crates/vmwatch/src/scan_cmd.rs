@@ -35,12 +35,20 @@ pub fn run(args: &ScanArgs) -> Result<bool> {
                 eprintln!("vmwatch: warning: IDT registers not read ({e}); scanning memory only")
             }
         }
-        // Where `syscall` enters the kernel (LSTAR), as the hook plugin saw it.
-        match vm.info().ring.as_deref().map(events::peek_syscall_entry) {
-            Some(Ok(seen)) => cpus.syscall_entry = seen,
-            Some(Err(e)) => eprintln!("vmwatch: warning: syscall entry not read ({e})"),
+        // Where `syscall` enters the kernel and what the guest wrote to the
+        // entry MSRs, as the hook plugin saw it.
+        match vm.info().ring.as_deref() {
+            Some(ring) => match (events::peek_syscall_entry(ring), events::peek_entry_msrs(ring)) {
+                (Ok(seen), Ok(msrs)) => {
+                    cpus.syscall_entry = seen;
+                    cpus.entry_msrs = Some(msrs);
+                }
+                (Err(e), _) | (_, Err(e)) => {
+                    eprintln!("vmwatch: warning: syscall entry MSRs not read ({e})")
+                }
+            },
             None => eprintln!(
-                "vmwatch: warning: the VM runs without the hook plugin: the syscall entry (LSTAR) is not checked"
+                "vmwatch: warning: the VM runs without the hook plugin: the syscall entry MSRs (LSTAR, CSTAR, SYSENTER_EIP) are not checked"
             ),
         }
     }
@@ -59,7 +67,7 @@ pub fn run(args: &ScanArgs) -> Result<bool> {
         let c = &report.coverage;
         writeln!(
             out,
-            "{} finding(s) in {:.1} ms: {} syscall entries, {} dispatcher calls, {} KiB of text ({} KiB patchable), {} KiB of rodata, {} IDT gates, {} ftrace ops, modules {} listed / {} in sysfs / {} in memory, processes {} listed / {} pids",
+            "{} finding(s) in {:.1} ms: {} syscall entries, {} dispatcher calls, {} KiB of text ({} KiB patchable), {} KiB of rodata, {} IDT gates, syscall entry {} samples / {} MSR writes, {} ftrace ops, modules {} listed / {} in sysfs / {} in memory, processes {} listed / {} pids",
             report.findings.len(),
             report.elapsed_us as f64 / 1000.0,
             c.syscall_entries,
@@ -68,6 +76,8 @@ pub fn run(args: &ScanArgs) -> Result<bool> {
             c.text_bytes_patchable / 1024,
             c.rodata_pointers * 8 / 1024,
             c.idt_gates,
+            c.syscall_entry_samples,
+            c.entry_msr_writes,
             c.ftrace_ops,
             c.modules_listed,
             c.modules_in_sysfs,

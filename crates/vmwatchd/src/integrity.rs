@@ -283,6 +283,7 @@ fn scanner(svc: Arc<IntegrityService>, ctx: VmContext, stop: Arc<AtomicBool>) {
                 }
                 if let Some(ring) = vm.info().ring.as_deref() {
                     cpus.syscall_entry = events::peek_syscall_entry(ring).ok().flatten();
+                    cpus.entry_msrs = events::peek_entry_msrs(ring).ok();
                 }
                 if let Some(g) = &guest {
                     match svc.baseline(g, &vm.info().vmlinux) {

@@ -93,6 +93,14 @@ fn alerts_on_insmod_and_rmmod(flavour: lab::Flavour, tag: &str) {
         Some(0),
         "{r}"
     );
+    // The syscall-entry MSRs were checked too (the hook plugin saw the
+    // kernel write them at boot), with page-table isolation on.
+    assert!(
+        r["last_report"]["coverage"]["entry_msr_writes"]
+            .as_u64()
+            .is_some_and(|n| n >= 2),
+        "{r}"
+    );
     assert_eq!(r["interval_ms"], 1000);
     let before = c.call("GET", "/v1/integrity/alerts", None).unwrap();
     assert_eq!(before.as_array().map(Vec::len), Some(0), "{before}");
