@@ -104,12 +104,14 @@ echo "--- vmwatch scan --vm demo-web (clean)"; $V scan --vm demo-web || true
 kmods=${VMWATCH_CACHE:-$HOME/.cache/vmwatch}/kmods
 for i in 0 1; do
     vm=${vms[$i]}; rel=$($V lab info "$vm" | python3 -c 'import json,sys; print(json.load(sys.stdin)["kernel_release"])')
-    for m in rk_syscall rk_seqops; do
+    for m in rk_syscall rk_seqops rk_lstar; do
         $V lab exec "$vm" -- sh -c "cat > /root/$m.ko" < "$kmods/$rel/$m.ko"
     done
     # rk_syscall hides files named rkhide_* and makes `kill -64` a root
-    # backdoor; rk_seqops hides port 31337 from /proc/net/tcp.
+    # backdoor; rk_seqops hides port 31337 from /proc/net/tcp; rk_lstar
+    # msr=sysenter points every CPU's SYSENTER_EIP MSR into itself.
     $V lab exec "$vm" -- sh -c 'touch /tmp/rkhide_loot; insmod /root/rk_syscall.ko; insmod /root/rk_seqops.ko port=31337
+        insmod /root/rk_lstar.ko msr=sysenter
         echo "    inside $(hostname): ls /tmp shows [$(ls /tmp)], yet cat /tmp/rkhide_loot works"'
 done
 sleep 2

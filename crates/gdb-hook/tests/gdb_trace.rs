@@ -21,6 +21,7 @@ use events::payload::Item;
 use events::{Filter, Kind, Record, Ring, RingReader, RingWriter, NO_ENTRY};
 use gdb_hook::{GdbHook, Options, Stats};
 use lab::{UpOptions, Vm};
+use labtest::{plugin_path, profile_dir, sh};
 
 fn boot_gdb(tag: &str, plugin: bool) -> VmGuard {
     let mut opts = UpOptions::new(&unique_name(tag));
@@ -28,38 +29,10 @@ fn boot_gdb(tag: &str, plugin: bool) -> VmGuard {
     opts.gdbstub = true;
     opts.hook = plugin;
     if plugin {
-        ensure_plugin();
+        // Built if missing; lab finds it next to the test binary.
+        plugin_path();
     }
     boot(&opts)
-}
-
-/// The plugin .so next to the test binary's target dir (lab finds it there).
-fn ensure_plugin() {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
-    if !dir.join("libhook_plugin.so").exists() {
-        let release = dir.file_name().is_some_and(|n| n == "release");
-        let mut cmd = Command::new(env!("CARGO"));
-        cmd.args(["build", "-p", "hook-plugin"]);
-        if release {
-            cmd.arg("--release");
-        }
-        assert!(
-            cmd.status().unwrap().success(),
-            "cargo build -p hook-plugin"
-        );
-    }
-}
-
-fn sh(vm: &Vm, script: &str) -> String {
-    let out = vm.exec_sh(script).expect("agent exec");
-    assert!(
-        out.success(),
-        "guest command failed: {script}\n{}\n{}",
-        out.stdout_str(),
-        out.stderr_str()
-    );
-    out.stdout_str()
 }
 
 fn drain(r: &mut RingReader, into: &mut Vec<Record>) {
@@ -355,8 +328,7 @@ fn breakpoints_on_the_6_12_kernel() {
 
 /// target/<profile>/examples/hook_cli, built if needed.
 fn hook_cli() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
+    let dir = profile_dir();
     let release = dir.file_name().is_some_and(|n| n == "release");
     let mut cmd = Command::new(env!("CARGO"));
     cmd.args(["build", "-q", "-p", "gdb-hook", "--example", "hook_cli"]);

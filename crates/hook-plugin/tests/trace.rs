@@ -8,11 +8,11 @@
 //! consumer is exercised too.
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use events::{Filter, Item, Kind, Record, Ring, RingReader, NO_ENTRY};
 use lab::{UpOptions, Vm};
+use labtest::{plugin_path, sh, up_with_plugin};
 
 #[allow(dead_code)]
 #[path = "../../vmwatch/src/trace_cmd.rs"]
@@ -25,37 +25,6 @@ impl Drop for TestVm {
         let _ = self.0.down();
         let _ = std::fs::remove_file(&self.1);
     }
-}
-
-fn plugin_path() -> PathBuf {
-    // target/release/deps/trace-HASH -> target/release/libhook_plugin.so
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
-    let so = dir.join("libhook_plugin.so");
-    if !so.exists() {
-        let release = dir.file_name().is_some_and(|n| n == "release");
-        let mut cmd = Command::new(env!("CARGO"));
-        cmd.args(["build", "-p", "hook-plugin"]);
-        if release {
-            cmd.arg("--release");
-        }
-        assert!(
-            cmd.status().unwrap().success(),
-            "cargo build -p hook-plugin"
-        );
-    }
-    so
-}
-
-fn sh(vm: &Vm, script: &str) -> String {
-    let out = vm.exec_sh(script).expect("agent exec");
-    assert!(
-        out.success(),
-        "guest command failed: {script}\n{}\n{}",
-        out.stdout_str(),
-        out.stderr_str()
-    );
-    out.stdout_str()
 }
 
 fn drain(r: &mut RingReader, into: &mut Vec<Record>) {
@@ -95,11 +64,7 @@ fn boot_lab(tag: &str, flavour: lab::Flavour, pti: lab::vm::Pti) -> (TestVm, Rin
     opts.cpus = 2;
     opts.flavour = flavour;
     opts.pti = pti;
-    std::env::set_var("VMWATCH_HOOK_PLUGIN", plugin_path());
-    let vm = match Vm::up(&opts) {
-        Ok(vm) => vm,
-        Err(e) => panic!("cannot boot lab VM `{name}` ({e}); run scripts/setup.sh first"),
-    };
+    let vm = up_with_plugin(&opts);
     let ring = vm
         .info()
         .ring

@@ -8,53 +8,12 @@
 //! page-table switch).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use events::EntryMsr;
 use integrity::{Baseline, Check, CpuState, Report};
-use lab::vm::ExecOptions;
 use lab::{Flavour, Pti, UpOptions, Vm};
+use labtest::{copy_kmod, sh, up_with_plugin, Down};
 use vmi::linux::{KernelProfile, LinuxGuest};
-
-struct Down(Vm);
-
-impl Drop for Down {
-    fn drop(&mut self) {
-        let _ = self.0.down();
-    }
-}
-
-fn plugin_path() -> std::path::PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
-    let so = dir.join("libhook_plugin.so");
-    if !so.exists() {
-        let mut cmd = std::process::Command::new(env!("CARGO"));
-        cmd.args(["build", "-p", "hook-plugin"]);
-        if dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
-        }
-        assert!(
-            cmd.status().unwrap().success(),
-            "cargo build -p hook-plugin"
-        );
-    }
-    so
-}
-
-fn sh(vm: &Vm, script: &str) -> String {
-    let out = vm
-        .exec_with(
-            &["/bin/sh", "-c", script],
-            &ExecOptions {
-                timeout: Duration::from_secs(120),
-                ..ExecOptions::default()
-            },
-        )
-        .expect("agent exec");
-    assert!(out.success(), "`{script}`: {}", out.stderr_str());
-    out.stdout_str()
-}
 
 /// Makes the guest issue well over one sampling period of syscalls.
 fn busy(vm: &Vm) {
@@ -65,12 +24,11 @@ fn busy(vm: &Vm) {
 }
 
 fn lstar_is_checked(flavour: Flavour, tag: &str) {
-    std::env::set_var("VMWATCH_HOOK_PLUGIN", plugin_path());
     let mut opts = UpOptions::new(&format!("t-lstar{tag}-{}", std::process::id()));
     opts.flavour = flavour;
     opts.pti = Pti::Off;
     opts.network = false;
-    let vm = Down(Vm::up(&opts).expect("boot (run scripts/setup.sh)"));
+    let vm = Down(up_with_plugin(&opts));
     let vm = &vm.0;
     let ring = vm
         .info()
@@ -90,22 +48,7 @@ fn lstar_is_checked(flavour: Flavour, tag: &str) {
         integrity::scan(&base, &guest, &cpus)
     };
     let msrs = || events::peek_entry_msrs(&ring).unwrap();
-    let ko = lab::util::cache_dir()
-        .join("kmods")
-        .join(&vm.info().kernel_release)
-        .join("rk_lstar.ko");
-    let bytes = std::fs::read(&ko)
-        .unwrap_or_else(|e| panic!("{}: {e}; run scripts/build-kmods.sh", ko.display()));
-    let out = vm
-        .exec_with(
-            &["/bin/sh", "-c", "cat > /root/rk_lstar.ko"],
-            &ExecOptions {
-                stdin: Some(bytes),
-                ..ExecOptions::default()
-            },
-        )
-        .unwrap();
-    assert!(out.success());
+    copy_kmod(vm, "rk_lstar");
     let vcpus: usize = sh(vm, "nproc").trim().parse().unwrap();
     let slide = guest.location().virtual_slide;
     let symbol = |name: &str| base.profile.symbols.address_of(name).unwrap() + slide;

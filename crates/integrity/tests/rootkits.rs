@@ -5,13 +5,12 @@
 //! the guest: what the rootkit visibly does (hidden files, uname, /proc) and
 //! the addresses it prints in dmesg.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use integrity::{Baseline, Check, CpuState, Finding, Report};
-use lab::vm::ExecOptions;
 use lab::{Flavour, UpOptions, Vm};
+use labtest::{kmod_bytes, put_file};
 use vmi::linux::{KernelProfile, LinuxGuest};
 
 struct Lab {
@@ -32,16 +31,12 @@ fn boot(tag: &str, flavour: Flavour) -> Lab {
     opts.flavour = flavour;
     opts.hook = false;
     opts.network = false;
-    let vm = Vm::up(&opts)
-        .unwrap_or_else(|e| panic!("cannot boot `{name}` ({e}); run scripts/setup.sh first"));
+    let vm = labtest::up(&opts);
     let image = vmi::image::KernelImage::open(&vm.info().vmlinux).expect("vmlinux");
     let profile = Arc::new(KernelProfile::from_image(&image).expect("profile"));
     let base = Baseline::new(&image, Arc::clone(&profile)).expect("baseline");
     let mem = Arc::new(vm.memory(false).expect("guest RAM"));
     let guest = LinuxGuest::attach(mem, profile).expect("attach");
-    let kmods = lab::util::cache_dir()
-        .join("kmods")
-        .join(&vm.info().kernel_release);
     for m in [
         "rk_syscall",
         "rk_ftrace",
@@ -50,34 +45,19 @@ fn boot(tag: &str, flavour: Flavour) -> Lab {
         "rk_idt",
         "rk_hide",
     ] {
-        let ko: PathBuf = kmods.join(format!("{m}.ko"));
-        let bytes = std::fs::read(&ko)
-            .unwrap_or_else(|e| panic!("{}: {e}; run scripts/build-kmods.sh", ko.display()));
-        let out = vm
-            .exec_with(
-                &["/bin/sh", "-c", &format!("cat > /root/{m}.ko")],
-                &ExecOptions {
-                    stdin: Some(bytes),
-                    timeout: Duration::from_secs(60),
-                    ..Default::default()
-                },
-            )
-            .expect("copy module");
-        assert!(out.success(), "copy {m}: {}", out.stderr_str());
+        put_file(
+            &vm,
+            &format!("/root/{m}.ko"),
+            kmod_bytes(&vm, m),
+            Duration::from_secs(60),
+        );
     }
     Lab { vm, guest, base }
 }
 
 impl Lab {
     fn sh(&self, script: &str) -> String {
-        let out = self.vm.exec_sh(script).expect("agent");
-        assert!(
-            out.success(),
-            "`{script}` failed: {}{}",
-            out.stdout_str(),
-            out.stderr_str()
-        );
-        out.stdout_str()
+        labtest::sh(&self.vm, script)
     }
 
     fn scan(&self) -> Report {

@@ -94,6 +94,7 @@ impl VaultService {
             "sent": f.stats.sent.load(std::sync::atomic::Ordering::Relaxed),
             "dropped": f.stats.dropped.load(std::sync::atomic::Ordering::Relaxed),
             "reconnects": f.stats.reconnects.load(std::sync::atomic::Ordering::Relaxed),
+            "tls_failures": f.stats.tls_failures.load(std::sync::atomic::Ordering::Relaxed),
         }))
     }
 

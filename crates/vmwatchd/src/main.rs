@@ -39,9 +39,24 @@ struct Args {
     #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(1..))]
     log_burst: u32,
     /// Forward every stored log record to a syslog collector: tcp://HOST:PORT
-    /// (RFC 5424, octet-counting framing).
+    /// or tls://HOST:PORT (RFC 5424, octet-counting framing; TLS: RFC 5425).
     #[arg(long, value_name = "URL")]
     forward: Option<String>,
+    /// tls:// forwarding: the collector's certificate must chain to a CA in
+    /// this PEM file (default: the system's root certificates).
+    #[arg(long, value_name = "FILE", requires = "forward")]
+    forward_ca: Option<PathBuf>,
+    /// tls:// forwarding: the name the collector's certificate must carry
+    /// (default: HOST; give it when HOST is an IP address).
+    #[arg(long, value_name = "NAME", requires = "forward")]
+    forward_server_name: Option<String>,
+    /// tls:// forwarding: our certificate (PEM, with its chain) for a
+    /// collector that requires client authentication; needs --forward-key.
+    #[arg(long, value_name = "FILE", requires = "forward")]
+    forward_cert: Option<PathBuf>,
+    /// tls:// forwarding: the private key (PEM) of --forward-cert.
+    #[arg(long, value_name = "FILE", requires = "forward")]
+    forward_key: Option<PathBuf>,
     /// Integrity (rootkit) scan of each watched VM every N ms (0: off).
     #[arg(long, default_value_t = 1000)]
     scan_interval_ms: u64,
@@ -77,7 +92,13 @@ fn main() {
     };
     config.log_rate.per_second = args.log_rate;
     config.log_rate.burst = args.log_burst;
-    config.forward = args.forward;
+    config.forward = args.forward.map(|url| vmwatchd::forward::ForwardConfig {
+        url,
+        ca: args.forward_ca,
+        server_name: args.forward_server_name,
+        cert: args.forward_cert,
+        key: args.forward_key,
+    });
     config.scan_interval = Duration::from_millis(args.scan_interval_ms);
     config.pump.log_rate = u64::from(args.log_rate);
     config.pump.log_burst = u64::from(args.log_burst);

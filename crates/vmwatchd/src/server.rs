@@ -40,8 +40,9 @@ pub struct Config {
     pub pump: PumpConfig,
     pub vault: logvault::VaultConfig,
     pub log_rate: logvault::RateLimitConfig,
-    /// Forward every stored log record to this collector (`tcp://HOST:PORT`).
-    pub forward: Option<String>,
+    /// Forward every stored log record to this collector (`tcp://HOST:PORT`
+    /// or `tls://HOST:PORT` and its TLS options).
+    pub forward: Option<crate::forward::ForwardConfig>,
     /// Integrity scan period per VM (zero: no continuous scanning).
     pub scan_interval: Duration,
 }
@@ -110,7 +111,7 @@ pub async fn run_until(config: Config, mut stop: watch::Receiver<bool>) -> Resul
     let diffusion =
         DiffusionService::open(&paths.diffusion_dir()).map_err(DaemonError::Diffusion)?;
     let forward = match &config.forward {
-        Some(url) => Some(crate::forward::Forwarder::start(url).map_err(DaemonError::Forward)?),
+        Some(fc) => Some(crate::forward::Forwarder::start(fc).map_err(DaemonError::Forward)?),
         None => None,
     };
     let vault = VaultService::open(

@@ -9,27 +9,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{Daemon, TempRoot};
-use lab::vm::ExecOptions;
-use lab::{UpOptions, Vm};
-
-struct Guard(Vm);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.down();
-    }
-}
-
-fn sh(vm: &Vm, script: &str) -> String {
-    let out = vm.exec_sh(script).expect("agent exec");
-    assert!(
-        out.success(),
-        "`{script}`: {}{}",
-        out.stdout_str(),
-        out.stderr_str()
-    );
-    out.stdout_str()
-}
+use lab::UpOptions;
+use labtest::{copy_kmod, sh, up, Down};
 
 #[test]
 fn continuous_scan_alerts_on_insmod_and_rmmod_within_two_seconds_6_1() {
@@ -51,24 +32,9 @@ fn alerts_on_insmod_and_rmmod(flavour: lab::Flavour, tag: &str) {
     let mut opts = UpOptions::new(&format!("t-ig{tag}{}", std::process::id()));
     opts.flavour = flavour;
     opts.network = false;
-    let vm = Guard(Vm::up(&opts).expect("boot (run scripts/setup.sh)"));
+    let vm = Down(up(&opts));
     let vm = &vm.0;
-    let ko = lab::util::cache_dir()
-        .join("kmods")
-        .join(&vm.info().kernel_release)
-        .join("rk_inline.ko");
-    let bytes = std::fs::read(&ko)
-        .unwrap_or_else(|e| panic!("{}: {e}; run scripts/build-kmods.sh", ko.display()));
-    let out = vm
-        .exec_with(
-            &["/bin/sh", "-c", "cat > /root/rk_inline.ko"],
-            &ExecOptions {
-                stdin: Some(bytes),
-                ..ExecOptions::default()
-            },
-        )
-        .unwrap();
-    assert!(out.success());
+    copy_kmod(vm, "rk_inline");
 
     let state = root.0.join("state");
     let daemon = Daemon::start(

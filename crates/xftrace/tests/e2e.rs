@@ -6,55 +6,23 @@
 //! `cargo build --release -p hook-plugin`; built here if missing). One VM
 //! at a time (the tests of this file take turns).
 
-use std::path::PathBuf;
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lab::{Flavour, UpOptions, Vm};
+use labtest::{up_with_plugin, Down};
 use xftrace::{Controller, Flow, Node, PluginState, Resolve};
 
 /// One booted VM at a time across the tests of this binary.
 static ONE_VM: Mutex<()> = Mutex::new(());
 
-struct TestVm(Vm);
-
-impl Drop for TestVm {
-    fn drop(&mut self) {
-        let _ = self.0.down();
-    }
-}
-
-fn plugin_path() -> PathBuf {
-    // target/release/deps/e2e-HASH -> target/release/libhook_plugin.so
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
-    let so = dir.join("libhook_plugin.so");
-    if !so.exists() {
-        let mut cmd = Command::new(env!("CARGO"));
-        cmd.args(["build", "-p", "hook-plugin"]);
-        if dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
-        }
-        assert!(
-            cmd.status().unwrap().success(),
-            "cargo build -p hook-plugin"
-        );
-    }
-    so
-}
-
-fn boot(tag: &str, flavour: Flavour) -> TestVm {
-    std::env::set_var("VMWATCH_HOOK_PLUGIN", plugin_path());
+fn boot(tag: &str, flavour: Flavour) -> Down {
     let name = format!("xf-{tag}-{}", std::process::id());
     let mut opts = UpOptions::new(&name);
     opts.flavour = flavour;
     opts.cpus = 2;
     opts.network = false;
-    match Vm::up(&opts) {
-        Ok(vm) => TestVm(vm),
-        Err(e) => panic!("cannot boot lab VM `{name}` ({e}); run scripts/setup.sh first"),
-    }
+    Down(up_with_plugin(&opts))
 }
 
 fn run(vm: &Vm, argv: &[&str]) -> String {

@@ -13,32 +13,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use lab::vm::ExecOptions;
-use lab::{Flavour, UpOptions, Vm};
+use lab::{Flavour, UpOptions};
+use labtest::{copy_kmod, sh, up, Down};
 use vmi::memory::PhysicalMemory;
 use xftrace::kmod::{self, guest, KeyController, RawKind};
 use xftrace::{Node, Resolve};
 
 static ONE_VM: Mutex<()> = Mutex::new(());
-
-struct TestVm(Vm);
-
-impl Drop for TestVm {
-    fn drop(&mut self) {
-        let _ = self.0.down();
-    }
-}
-
-fn sh(vm: &Vm, script: &str) -> String {
-    let out = vm.exec_sh(script).expect("agent exec");
-    assert!(
-        out.success(),
-        "`{script}`: {}{}",
-        out.stdout_str(),
-        out.stderr_str()
-    );
-    out.stdout_str()
-}
 
 /// The first node (depth first) called `name`.
 fn find<'a>(nodes: &'a [Node], names: &dyn Resolve, name: &str) -> Option<&'a Node> {
@@ -61,28 +42,10 @@ fn check(flavour: Flavour, tag: &str) {
     opts.cpus = 2;
     opts.network = false;
     opts.hook = false; // the module needs no plugin: as on KVM
-    let vm = TestVm(
-        Vm::up(&opts)
-            .unwrap_or_else(|e| panic!("cannot boot `{name}` ({e}); run scripts/setup.sh")),
-    );
+    let vm = Down(up(&opts));
     let vm = &vm.0;
 
-    let ko = lab::util::cache_dir()
-        .join("kmods")
-        .join(&vm.info().kernel_release)
-        .join("xftrace.ko");
-    let bytes = std::fs::read(&ko)
-        .unwrap_or_else(|e| panic!("{}: {e}; run scripts/build-kmods.sh xftrace", ko.display()));
-    let out = vm
-        .exec_with(
-            &["/bin/sh", "-c", "cat > /root/xftrace.ko"],
-            &ExecOptions {
-                stdin: Some(bytes),
-                ..ExecOptions::default()
-            },
-        )
-        .unwrap();
-    assert!(out.success(), "{}", out.stderr_str());
+    copy_kmod(vm, "xftrace");
     sh(vm, "insmod /root/xftrace.ko nrs=257");
 
     // Everything from guest memory: the module, its symbols, the buffer.

@@ -8,23 +8,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use lab::vm::ExecOptions;
 use lab::{Flavour, UpOptions, Vm};
+use labtest::{copy_kmod, sh, up_with_plugin, Down};
 use xftrace::{Controller, Finding, Resolve};
-
-struct TestVm(Vm);
-
-impl Drop for TestVm {
-    fn drop(&mut self) {
-        let _ = self.0.down();
-    }
-}
-
-fn sh(vm: &Vm, script: &str) -> String {
-    let out = vm.exec_sh(script).expect("agent exec");
-    assert!(out.success(), "`{script}`: {}", out.stderr_str());
-    out.stdout_str()
-}
 
 /// Records getdents64 while the guest lists /tmp; returns the graph text.
 fn record(vm: &Vm, c: &Controller, names: &xftrace::host::GuestNames) -> String {
@@ -50,25 +36,6 @@ fn record(vm: &Vm, c: &Controller, names: &xftrace::host::GuestNames) -> String 
     String::from_utf8(text).unwrap()
 }
 
-/// The plugin next to the test binary (target/release/libhook_plugin.so).
-fn plugin_path() -> std::path::PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
-    let so = dir.join("libhook_plugin.so");
-    if !so.exists() {
-        let mut cmd = std::process::Command::new(env!("CARGO"));
-        cmd.args(["build", "-p", "hook-plugin"]);
-        if dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
-        }
-        assert!(
-            cmd.status().unwrap().success(),
-            "cargo build -p hook-plugin"
-        );
-    }
-    so
-}
-
 #[test]
 fn the_syscall_rootkit_shows_in_the_getdents64_call_flow_6_1() {
     rootkit_in_flow(Flavour::Stable, "s");
@@ -80,28 +47,12 @@ fn the_syscall_rootkit_shows_in_the_getdents64_call_flow_6_12() {
 }
 
 fn rootkit_in_flow(flavour: Flavour, tag: &str) {
-    std::env::set_var("VMWATCH_HOOK_PLUGIN", plugin_path());
     let mut opts = UpOptions::new(&format!("xf-rk{tag}-{}", std::process::id()));
     opts.flavour = flavour;
     opts.network = false;
-    let vm = TestVm(Vm::up(&opts).expect("boot (run scripts/setup.sh)"));
+    let vm = Down(up_with_plugin(&opts));
     let vm = &vm.0;
-    let ko = lab::util::cache_dir()
-        .join("kmods")
-        .join(&vm.info().kernel_release)
-        .join("rk_syscall.ko");
-    let bytes = std::fs::read(&ko)
-        .unwrap_or_else(|e| panic!("{}: {e}; run scripts/build-kmods.sh", ko.display()));
-    let out = vm
-        .exec_with(
-            &["/bin/sh", "-c", "cat > /root/rk_syscall.ko"],
-            &ExecOptions {
-                stdin: Some(bytes),
-                ..ExecOptions::default()
-            },
-        )
-        .unwrap();
-    assert!(out.success());
+    copy_kmod(vm, "rk_syscall");
     let c = Controller::open(&xftrace::file_in(&vm.info().state_dir)).expect("xftrace file");
     let mem: Arc<dyn vmi::memory::PhysicalMemory> = Arc::new(vm.memory(false).unwrap());
 

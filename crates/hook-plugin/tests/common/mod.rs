@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use events::{Filter, Item, Kind, Record, Ring, RingReader};
 use lab::{UpOptions, Vm};
+pub use labtest::sh;
+use labtest::{profile_dir, up_with_plugin};
 
 /// A lab VM that goes down (and loses its ring file) when dropped.
 pub struct TestVm {
@@ -24,31 +26,6 @@ impl Drop for TestVm {
     }
 }
 
-/// `target/<profile>` of the running test binary (`target/<profile>/deps/NAME-HASH`).
-pub fn profile_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().to_path_buf()
-}
-
-/// The plugin next to the test binary, built if missing.
-pub fn plugin_path() -> PathBuf {
-    let dir = profile_dir();
-    let so = dir.join("libhook_plugin.so");
-    if !so.exists() {
-        let release = dir.file_name().is_some_and(|n| n == "release");
-        let mut cmd = Command::new(env!("CARGO"));
-        cmd.args(["build", "-p", "hook-plugin"]);
-        if release {
-            cmd.arg("--release");
-        }
-        assert!(
-            cmd.status().unwrap().success(),
-            "cargo build -p hook-plugin"
-        );
-    }
-    so
-}
-
 /// Boots a VM the way `vmwatch lab up` does (the plugin with `ram=`/`vmlinux=`,
 /// so every record names its thread), with every syscall and every fd traced.
 pub fn boot_lab(tag: &str, flavour: lab::Flavour) -> (TestVm, RingReader) {
@@ -56,11 +33,7 @@ pub fn boot_lab(tag: &str, flavour: lab::Flavour) -> (TestVm, RingReader) {
     let mut opts = UpOptions::new(&name);
     opts.cpus = 2;
     opts.flavour = flavour;
-    std::env::set_var("VMWATCH_HOOK_PLUGIN", plugin_path());
-    let vm = match Vm::up(&opts) {
-        Ok(vm) => vm,
-        Err(e) => panic!("cannot boot lab VM `{name}` ({e}); run scripts/setup.sh first"),
-    };
+    let vm = up_with_plugin(&opts);
     let ring = vm
         .info()
         .ring
@@ -71,18 +44,6 @@ pub fn boot_lab(tag: &str, flavour: lab::Flavour) -> (TestVm, RingReader) {
     r.set_filter(&Filter::ALL);
     r.set_fds(&Filter::ALL);
     (vm, r)
-}
-
-/// Runs a shell script in the guest; panics unless it exits 0.
-pub fn sh(vm: &Vm, script: &str) -> String {
-    let out = vm.exec_sh(script).expect("agent exec");
-    assert!(
-        out.success(),
-        "guest command failed: {script}\n{}\n{}",
-        out.stdout_str(),
-        out.stderr_str()
-    );
-    out.stdout_str()
 }
 
 /// Copies `bytes` into the guest as the executable `path` (gzip'd on the
