@@ -59,6 +59,19 @@ pub struct Offsets {
     pub xa_node_slots: Option<u64>,
     pub pde_proc_iops: Option<u64>,
     pub pde_proc_dir_ops: Option<u64>,
+    pub rq_curr: Option<u64>,
+    pub rq_idle: Option<u64>,
+    pub rq_cfs: Option<u64>,
+    /// `cfs_rq.tasks_timeline.rb_root.rb_node`: the tree's root node.
+    pub cfs_rq_timeline_node: Option<u64>,
+    pub cfs_rq_curr: Option<u64>,
+    pub se_run_node: Option<u64>,
+    /// Only with group scheduling.
+    pub se_my_q: Option<u64>,
+    pub rb_left: Option<u64>,
+    pub rb_right: Option<u64>,
+    pub task_se: Option<u64>,
+    pub task_group_leader: Option<u64>,
 }
 
 impl Offsets {
@@ -93,6 +106,23 @@ impl Offsets {
             xa_node_slots: o("xa_node", "slots"),
             pde_proc_iops: o("proc_dir_entry", "proc_iops"),
             pde_proc_dir_ops: o("proc_dir_entry", "proc_dir_ops"),
+            rq_curr: o("rq", "curr"),
+            rq_idle: o("rq", "idle"),
+            rq_cfs: o("rq", "cfs"),
+            cfs_rq_timeline_node: sum(
+                sum(
+                    o("cfs_rq", "tasks_timeline"),
+                    o("rb_root_cached", "rb_root"),
+                ),
+                o("rb_root", "rb_node"),
+            ),
+            cfs_rq_curr: o("cfs_rq", "curr"),
+            se_run_node: o("sched_entity", "run_node"),
+            se_my_q: o("sched_entity", "my_q"),
+            rb_left: o("rb_node", "rb_left"),
+            rb_right: o("rb_node", "rb_right"),
+            task_se: o("task_struct", "se"),
+            task_group_leader: o("task_struct", "group_leader"),
         }
     }
 }

@@ -1,7 +1,7 @@
 //! The individual checks. Each reads the running guest (never pausing it),
 //! compares with the baseline, and appends findings and coverage.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use events::{EntryMsr, EntryMsrs};
 use vmi::linux::LinuxGuest;
@@ -10,6 +10,7 @@ use crate::baseline::{read_u64, Baseline};
 use crate::compare::{transfer_covering, unexplained};
 use crate::findings::{Check, Finding, Owner, Report};
 use crate::modules::{Owners, MODULES_END, MODULES_VADDR};
+use crate::runqueues;
 
 /// Reads `len` bytes of the guest's kernel at run-time `va`, page by page;
 /// unreadable pages stay zero and are counted.
@@ -679,6 +680,8 @@ pub fn hidden_processes(base: &Baseline, guest: &LinuxGuest, r: &mut Report) {
     }
     r.coverage.pids_in_namespace = pids.len() as u64;
     let l = &guest.profile().layout;
+    // Candidates: thread-group leader -> what shows it exists.
+    let mut unlisted: BTreeMap<u64, Vec<String>> = BTreeMap::new();
     for pid in pids {
         let Ok(first) = k.read_u64(pid + tasks_off) else {
             continue;
@@ -697,18 +700,60 @@ pub fn hidden_processes(base: &Baseline, guest: &LinuxGuest, r: &mut Report) {
         if p != tg || p != nr || p == 0 || listed.contains(&task) {
             continue;
         }
-        let comm = guest
-            .task_identity(task)
-            .map(|(_, c)| c)
-            .unwrap_or_else(|_| "?".into());
+        unlisted
+            .entry(task)
+            .or_default()
+            .push("in the pid namespace".into());
+    }
+    // What the scheduler holds: a process out of the pid namespace too
+    // still runs, or waits to, on some CPU.
+    let scheduled = runqueues::scheduled_tasks(base, guest, r);
+    r.coverage.tasks_on_run_queues = scheduled.len() as u64;
+    for s in &scheduled {
+        let leader = match base.offsets.task_group_leader {
+            Some(off) => k.read_u64(s.task + off).unwrap_or(s.task),
+            None => s.task,
+        };
+        if listed.contains(&leader) || exiting(guest, leader) || exiting(guest, s.task) {
+            continue;
+        }
+        let how = if s.running { "running" } else { "queued" };
+        let why = format!("{how} on CPU {}", s.cpu);
+        let seen = unlisted.entry(leader).or_default();
+        if !seen.contains(&why) {
+            seen.push(why);
+        }
+    }
+    if unlisted.is_empty() {
+        return;
+    }
+    // A process forked while this scan ran is on the list now: only what a
+    // second look at the list still lacks is hidden.
+    let listed_again: BTreeSet<u64> = guest.processes().items.iter().map(|p| p.task).collect();
+    for (task, evidence) in unlisted {
+        if listed_again.contains(&task) || exiting(guest, task) {
+            continue;
+        }
+        let (tgid, comm) = guest.task_identity(task).unwrap_or((0, "?".into()));
         r.findings.push(Finding {
             check: Check::HiddenProcess,
-            object: format!("process {p} {comm}"),
+            object: format!("process {tgid} {comm}"),
             location: task,
             expected: None,
             actual: None,
             module: None,
-            detail: "in the pid namespace but not on the task list".into(),
+            detail: format!("not on the task list, yet {}", evidence.join(", ")),
         });
     }
+}
+
+/// A task on its way out: `exit_state` set or `PF_EXITING`. It leaves the
+/// task list and the pid namespace before it last leaves the CPU.
+fn exiting(guest: &LinuxGuest, task: u64) -> bool {
+    const PF_EXITING: u32 = 0x4;
+    let l = &guest.profile().layout;
+    let k = guest.kernel_space();
+    k.read_u32(task + l.task_exit_state).is_ok_and(|s| s != 0)
+        || k.read_u32(task + l.task_flags)
+            .is_ok_and(|f| f & PF_EXITING != 0)
 }

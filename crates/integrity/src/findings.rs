@@ -162,6 +162,8 @@ pub struct Coverage {
     pub modules_in_memory: u64,
     pub tasks_listed: u64,
     pub pids_in_namespace: u64,
+    /// Tasks found running or queued on the CPUs' run queues.
+    pub tasks_on_run_queues: u64,
 }
 
 /// The result of one scan.

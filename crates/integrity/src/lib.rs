@@ -6,7 +6,8 @@
 //! tables, the IDT handlers, and BTF offsets. [`scan`] then compares a guest
 //! with it: syscall tables, `x64_sys_call`'s calls, core text (inline hooks),
 //! rodata ops tables, /proc's root entry, the IDT, ftrace ops, modules hidden
-//! from the module list, processes hidden from the task list. Every finding
+//! from the module list, processes hidden from the task list (found in the pid
+//! namespace or on a CPU's run queue). Every finding
 //! names the hooked object, the expected and the actual target, and the
 //! module that owns the actual target, hidden or not.
 
@@ -16,6 +17,7 @@ pub mod compare;
 mod findings;
 mod modules;
 mod patchsites;
+mod runqueues;
 
 use std::time::Instant;
 
@@ -25,6 +27,7 @@ pub use baseline::{Baseline, BaselineError, SyscallTable};
 pub use findings::{Check, Coverage, Finding, Owner, Report, Target};
 pub use modules::{ModuleInfo, Owners};
 pub use patchsites::Intervals;
+pub use runqueues::Scheduled;
 
 /// What the caller knows about the CPUs besides memory.
 #[derive(Debug, Clone, Default)]

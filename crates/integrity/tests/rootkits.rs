@@ -371,11 +371,17 @@ fn rootkits_are_found(flavour: Flavour, tag: &str) {
     lab.sh("insmod /root/rk_syscall.ko");
     let line = lab.hooked_line("rk_syscall");
     let getdents = addr_after(&line, "hook_getdents64=");
+    // A process that keeps running: the scheduler must hold it, so it is on
+    // a run queue as well as in the pid namespace.
     let victim = lab
-        .sh("sleep 10000 >/dev/null 2>&1 & echo $!")
+        .sh("sh -c 'while :; do :; done' >/dev/null 2>&1 & echo $!")
         .trim()
         .parse::<i32>()
         .unwrap();
+    let victim_comm = lab
+        .sh(&format!("cat /proc/{victim}/comm"))
+        .trim()
+        .to_string();
     lab.sh(&format!(
         "insmod /root/rk_hide.ko pid={victim} also=rk_syscall"
     ));
@@ -389,6 +395,13 @@ fn rootkits_are_found(flavour: Flavour, tag: &str) {
         "rk_syscall still hides files"
     );
     lab.sh(&format!("kill -0 {victim}"));
+    // The guest's own view: runnable.
+    let stat = lab.sh(&format!("cat /proc/{victim}/stat"));
+    assert_eq!(
+        stat.rsplit(')').next().unwrap().split_whitespace().next(),
+        Some("R"),
+        "{stat}"
+    );
     let r = lab.scan();
     let mut want = vec![
         Check::SyscallDispatch,
@@ -416,14 +429,22 @@ fn rootkits_are_found(flavour: Flavour, tag: &str) {
         "{}",
         describe(&r.findings)
     );
+    let hidden: Vec<_> = r
+        .findings
+        .iter()
+        .filter(|f| f.check == Check::HiddenProcess)
+        .collect();
+    assert_eq!(hidden.len(), 1, "{}", describe(&r.findings));
+    assert_eq!(hidden[0].object, format!("process {victim} {victim_comm}"));
+    // Found both ways: the pid namespace and a CPU's run queue.
     assert!(
-        r.findings
-            .iter()
-            .any(|f| f.check == Check::HiddenProcess
-                && f.object == format!("process {victim} sleep")),
+        hidden[0].detail.contains("in the pid namespace")
+            && (hidden[0].detail.contains("running on CPU")
+                || hidden[0].detail.contains("queued on CPU")),
         "{}",
-        describe(&r.findings)
+        hidden[0]
     );
+    assert!(r.coverage.tasks_on_run_queues > 0, "{:?}", r.coverage);
 }
 
 #[test]
