@@ -67,7 +67,7 @@ pub fn run(args: &ScanArgs) -> Result<bool> {
         let c = &report.coverage;
         writeln!(
             out,
-            "{} finding(s) in {:.1} ms: {} syscall entries, {} dispatcher calls, {} KiB of text ({} KiB patchable), {} KiB of rodata, {} IDT gates, syscall entry {} samples / {} MSR writes, {} ftrace ops, modules {} listed / {} in sysfs / {} in memory, processes {} listed / {} pids",
+            "{} finding(s) in {:.1} ms: {} syscall entries, {} dispatcher calls, {} KiB of text ({} KiB patchable), {} KiB of rodata, {} IDT gates, syscall entry {} samples / {} MSR writes, {} ftrace ops, modules {} listed / {} in sysfs / {} in memory, processes {} listed / {} pids / {} on run queues",
             report.findings.len(),
             report.elapsed_us as f64 / 1000.0,
             c.syscall_entries,
@@ -84,6 +84,7 @@ pub fn run(args: &ScanArgs) -> Result<bool> {
             c.modules_in_memory,
             c.tasks_listed,
             c.pids_in_namespace,
+            c.tasks_on_run_queues,
         )?;
     }
     Ok(!report.findings.is_empty())
