@@ -72,6 +72,18 @@ pub struct Offsets {
     pub rb_right: Option<u64>,
     pub task_se: Option<u64>,
     pub task_group_leader: Option<u64>,
+    pub pde_seq_ops: Option<u64>,
+    pub pde_proc_ops: Option<u64>,
+    /// `proc_dir_entry.subdir.rb_node`: a directory's tree of entries.
+    pub pde_subdir_node: Option<u64>,
+    pub pde_subdir_link: Option<u64>,
+    pub pde_name: Option<u64>,
+    pub pde_namelen: Option<u64>,
+    pub net_list: Option<u64>,
+    pub net_proc_net: Option<u64>,
+    /// `proc_inode.pde` and `.vfs_inode` (tests reach a pde from a file).
+    pub proc_inode_pde: Option<u64>,
+    pub proc_inode_vfs_inode: Option<u64>,
 }
 
 impl Offsets {
@@ -123,6 +135,16 @@ impl Offsets {
             rb_right: o("rb_node", "rb_right"),
             task_se: o("task_struct", "se"),
             task_group_leader: o("task_struct", "group_leader"),
+            pde_seq_ops: o("proc_dir_entry", "seq_ops"),
+            pde_proc_ops: o("proc_dir_entry", "proc_ops"),
+            pde_subdir_node: sum(o("proc_dir_entry", "subdir"), o("rb_root", "rb_node")),
+            pde_subdir_link: o("proc_dir_entry", "subdir_node"),
+            pde_name: o("proc_dir_entry", "name"),
+            pde_namelen: o("proc_dir_entry", "namelen"),
+            net_list: o("net", "list"),
+            net_proc_net: o("net", "proc_net"),
+            proc_inode_pde: o("proc_inode", "pde"),
+            proc_inode_vfs_inode: o("proc_inode", "vfs_inode"),
         }
     }
 }

@@ -17,6 +17,7 @@ pub mod compare;
 mod findings;
 mod modules;
 mod patchsites;
+mod procnet;
 mod runqueues;
 
 use std::time::Instant;
@@ -55,6 +56,7 @@ pub fn scan(base: &Baseline, guest: &LinuxGuest, cpus: &CpuState) -> Report {
     checks::kernel_text(base, guest, &owners, &ftrace_targets, &mut r);
     checks::rodata(base, guest, &owners, &mut r);
     checks::data_slots(base, guest, &owners, &mut r);
+    procnet::proc_net_ops(base, guest, &owners, &mut r);
     checks::idt(base, guest, &owners, &cpus.idt_bases, &mut r);
     checks::syscall_entry(base, guest, &owners, cpus.syscall_entry, &mut r);
     if let Some(msrs) = &cpus.entry_msrs {

@@ -42,6 +42,7 @@ fn boot(tag: &str, flavour: Flavour) -> Lab {
         "rk_ftrace",
         "rk_inline",
         "rk_seqops",
+        "rk_pdeops",
         "rk_idt",
         "rk_hide",
     ] {
@@ -101,6 +102,13 @@ impl Lab {
         );
         assert_eq!(
             r.coverage.modules_in_sysfs, r.coverage.modules_listed,
+            "{when}: {:?}",
+            r.coverage
+        );
+        // /proc's root (2 pointers) and at least init_net's tcp, udp and
+        // unix entries (2 each).
+        assert!(
+            r.coverage.data_pointers >= 2 + 2 * 3,
             "{when}: {:?}",
             r.coverage
         );
@@ -330,6 +338,44 @@ fn rootkits_are_found(flavour: Flavour, tag: &str) {
     }
     lab.sh("rmmod rk_seqops");
     lab.assert_clean("after rmmod rk_seqops");
+
+    // 4b. The same socket hidden through init_net's /proc/net/tcp entry: its
+    //     seq_ops pointer (heap memory) swapped for a module-made table;
+    //     rodata untouched. The module needs two offsets from the BTF.
+    assert_eq!(lab.sh("grep -c :7A69 /proc/net/tcp || true").trim(), "1");
+    let o = &lab.base.offsets;
+    let pde_delta = o.proc_inode_pde.unwrap() as i64 - o.proc_inode_vfs_inode.unwrap() as i64;
+    lab.sh(&format!(
+        "insmod /root/rk_pdeops.ko port=31337 pde_delta={pde_delta} seq_ops_off={}",
+        o.pde_seq_ops.unwrap()
+    ));
+    let line = lab.hooked_line("rk_pdeops");
+    assert_eq!(
+        lab.sh("grep -c :7A69 /proc/net/tcp || true").trim(),
+        "0",
+        "socket hidden"
+    );
+    let slot = addr_after(&line, "seq_ops@");
+    let new = addr_after(&line, "->");
+    let r = lab.scan();
+    assert_eq!(
+        checks_of(&r),
+        vec![Check::DataPointer],
+        "{}",
+        describe(&r.findings)
+    );
+    assert_eq!(r.findings.len(), 1, "{}", describe(&r.findings));
+    let f = &r.findings[0];
+    assert_eq!(f.object, "/proc/net/tcp seq_ops (init_net)");
+    assert_eq!(f.location, slot);
+    assert_eq!(f.actual.as_ref().map(|a| a.addr), Some(new));
+    assert_eq!(f.module.as_deref(), Some("rk_pdeops"));
+    let want = lab.base.profile.symbols.address_of("tcp4_seq_ops").unwrap()
+        + lab.guest.location().virtual_slide;
+    assert_eq!(f.expected.as_ref().map(|e| e.addr), Some(want));
+    lab.sh("rmmod rk_pdeops");
+    assert_eq!(lab.sh("grep -c :7A69 /proc/net/tcp || true").trim(), "1");
+    lab.assert_clean("after rmmod rk_pdeops");
 
     // 5. The IDT: a gate of idt_table redirected, then the IDT register
     //    moved to a modified copy.
