@@ -169,6 +169,8 @@ pub struct Baseline {
     pub patchable: Intervals,
     /// Where each kind of patch site is, for naming a difference.
     pub mcount_sites: Intervals,
+    /// Patch sites that may hold a call or jump, which must stay in core text.
+    pub branch_sites: Vec<crate::patchsites::BranchSite>,
     /// Jump-label sites and the target each may jump to (link-time, by site).
     pub jump_sites: Vec<(u64, u64)>,
     /// `.rodata`, link-time, and its image bytes.
@@ -245,6 +247,7 @@ impl Baseline {
             text,
             patchable: sites.patchable,
             mcount_sites: sites.mcount,
+            branch_sites: sites.branch_sites,
             jump_sites: sites.jumps,
             rodata_start,
             rodata,

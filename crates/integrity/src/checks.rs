@@ -217,6 +217,48 @@ pub fn kernel_text(
             ),
         });
     }
+    patch_site_branches(base, &run, slide, owners, r);
+}
+
+/// The patch sites the text comparison skips (their bytes legitimately
+/// change) may still not branch out of the kernel: a call or jump at a
+/// changed site must go to core kernel code, or, from a static call, to a
+/// module on the module list. A hook written exactly over an alternative,
+/// a return thunk or a static call is found here.
+fn patch_site_branches(base: &Baseline, run: &[u8], slide: u64, owners: &Owners, r: &mut Report) {
+    for site in &base.branch_sites {
+        let o = (site.addr - base.text_start) as usize;
+        let len = usize::from(site.len);
+        let (Some(now), Some(image)) = (run.get(o..o + len), base.text.get(o..o + len)) else {
+            continue;
+        };
+        r.coverage.patch_sites += 1;
+        if now == image {
+            continue;
+        }
+        let window = run.get(o..(o + 16).min(run.len())).unwrap_or_default();
+        let Some((_, dest)) = crate::compare::decode_transfer(window, site.addr + slide) else {
+            continue;
+        };
+        let owner = owners.owner(base, dest);
+        let allowed = match &owner {
+            Owner::Kernel { .. } => true,
+            Owner::Module { hidden, .. } => site.static_call && !hidden,
+            Owner::Unknown => false,
+        };
+        if allowed {
+            continue;
+        }
+        r.findings.push(Finding {
+            check: Check::InlineHook,
+            object: format!("{} (patch site)", symbol_at(base, site.addr)),
+            location: site.addr + slide,
+            expected: None,
+            actual: Some(owners.target(base, dest)),
+            module: owners.module_of(base, dest),
+            detail: format!("image {} now {}", hex(image), hex(now)),
+        });
+    }
 }
 
 /// `.rodata` (ops tables, syscall tables...) against the image: it must be

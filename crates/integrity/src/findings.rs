@@ -154,6 +154,8 @@ pub struct Coverage {
     pub entry_msr_writes: u64,
     pub text_bytes: u64,
     pub text_bytes_patchable: u64,
+    /// Patch sites whose branch was checked.
+    pub patch_sites: u64,
     pub rodata_pointers: u64,
     pub ftrace_ops: u64,
     pub data_pointers: u64,

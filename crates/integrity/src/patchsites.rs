@@ -62,6 +62,19 @@ pub struct Sites {
     pub mcount: Intervals,
     /// Jump-label sites and their jump targets (link-time), sorted by site.
     pub jumps: Vec<(u64, u64)>,
+    /// Sites whose patched form may start with a call or jump (alternatives,
+    /// paravirt, retpoline, return, call and static-call sites, static-call
+    /// trampolines), sorted: their branch must stay in core text.
+    pub branch_sites: Vec<BranchSite>,
+}
+
+/// A patch site whose run-time bytes may begin with a call or jump.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct BranchSite {
+    pub addr: u64,
+    pub len: u8,
+    /// A static call: may legitimately call into a (listed) module.
+    pub static_call: bool,
 }
 
 /// Longest site a table can describe (alternatives' lengths are a u8).
@@ -72,7 +85,17 @@ const MAX_ENTRIES: usize = 1 << 20;
 /// Collects the patch sites of core text `[text.0, text.1)`.
 pub fn collect(image: &KernelImage, syms: &KernelSymbols, btf: &Btf, text: (u64, u64)) -> Sites {
     let mut v: Vec<(u64, u64)> = Vec::new();
+    let mut branch: Vec<BranchSite> = Vec::new();
     let in_text = |a: u64| (text.0..text.1).contains(&a);
+    let branch_site = |b: &mut Vec<BranchSite>, addr: u64, len: u64, static_call: bool| {
+        if in_text(addr) && len > 0 {
+            b.push(BranchSite {
+                addr,
+                len: len.min(MAX_SITE) as u8,
+                static_call,
+            });
+        }
+    };
     let push = |v: &mut Vec<(u64, u64)>, site: u64, len: u64| {
         if in_text(site) {
             v.push((site, site + len.min(MAX_SITE)));
@@ -105,10 +128,20 @@ pub fn collect(image: &KernelImage, syms: &KernelSymbols, btf: &Btf, text: (u64,
         .map(|&(n, l)| (n, l))
         .chain(runtime_consts.iter().map(|(n, l)| (n.as_str(), *l)));
     for (section, len) in tables {
+        // Run-time constants, lock prefixes and sealed ENDBRs never become
+        // branches (their sites are immediates or prefixes).
+        let branches = matches!(
+            section,
+            ".retpoline_sites" | ".return_sites" | ".call_sites"
+        );
         if let Some(s) = image.section(section) {
             for (i, _) in s.data.chunks_exact(4).enumerate().take(MAX_ENTRIES) {
                 let at = s.addr + (i as u64) * 4;
-                push(&mut v, at.wrapping_add(read_i32(s.data, i * 4) as u64), len);
+                let site = at.wrapping_add(read_i32(s.data, i * 4) as u64);
+                push(&mut v, site, len);
+                if branches {
+                    branch_site(&mut branch, site, len, false);
+                }
             }
         }
     }
@@ -128,7 +161,9 @@ pub fn collect(image: &KernelImage, syms: &KernelSymbols, btf: &Btf, text: (u64,
             {
                 let at = s.addr + i as u64 * size;
                 let len = u64::from(e.get(len_off as usize).copied().unwrap_or(0));
-                push(&mut v, at.wrapping_add(read_i32(e, 0) as u64), len);
+                let site = at.wrapping_add(read_i32(e, 0) as u64);
+                push(&mut v, site, len);
+                branch_site(&mut branch, site, len, false);
             }
         }
     }
@@ -143,6 +178,7 @@ pub fn collect(image: &KernelImage, syms: &KernelSymbols, btf: &Btf, text: (u64,
             for e in s.data.chunks_exact(size as usize).take(MAX_ENTRIES) {
                 let len = u64::from(e.get(len_off as usize).copied().unwrap_or(0));
                 push(&mut v, read_u64(e, 0), len);
+                branch_site(&mut branch, read_u64(e, 0), len, false);
             }
         }
     }
@@ -172,11 +208,16 @@ pub fn collect(image: &KernelImage, syms: &KernelSymbols, btf: &Btf, text: (u64,
         "__start_static_call_sites",
         "__stop_static_call_sites",
         8,
-        |at, e| push(&mut v, at.wrapping_add(read_i32(e, 0) as u64), 5),
+        |at, e| {
+            let site = at.wrapping_add(read_i32(e, 0) as u64);
+            push(&mut v, site, 5);
+            branch_site(&mut branch, site, 5, true);
+        },
     );
     // Static-call trampolines (`__SCT__name`): a jmp or ret rewritten in place.
     for s in syms.iter().filter(|s| s.name.starts_with("__SCT__")) {
         push(&mut v, s.addr, 8);
+        branch_site(&mut branch, s.addr, 8, true);
     }
 
     // ftrace's mcount sites (nop5 <-> call ftrace) are not patchable bytes:
@@ -206,6 +247,17 @@ pub fn collect(image: &KernelImage, syms: &KernelSymbols, btf: &Btf, text: (u64,
     // stays an ftrace site, checked as such.
     let mcount = Intervals::from_ranges(mcount);
     v.retain(|r| !mcount.contains(r.0));
+    branch.retain(|b| !mcount.contains(b.addr));
+    branch.sort_unstable();
+    // One entry per address; a static call wins (it is the more permissive).
+    branch.dedup_by(|later, kept| {
+        let same = later.addr == kept.addr;
+        if same {
+            kept.static_call |= later.static_call;
+            kept.len = kept.len.max(later.len);
+        }
+        same
+    });
     jumps.sort_unstable();
     jumps.dedup_by_key(|j| j.0);
     // A jump-label site inside an alternative is the alternative's business.
@@ -215,6 +267,7 @@ pub fn collect(image: &KernelImage, syms: &KernelSymbols, btf: &Btf, text: (u64,
         patchable,
         jumps,
         mcount,
+        branch_sites: branch,
     }
 }
 

@@ -297,6 +297,33 @@ fn rootkits_are_found(flavour: Flavour, tag: &str) {
     lab.sh("rmmod rk_inline");
     lab.assert_clean("after rmmod rk_inline");
 
+    // 3b. The first return site at or after __x64_sys_newuname (a byte
+    //     range the kernel itself rewrites at boot; the compiler may have
+    //     made newuname a tail call, so it can be the next function's) made
+    //     a jmp into the module; uname works on.
+    lab.sh("insmod /root/rk_inline.ko at=return");
+    let line = lab.hooked_line("rk_inline");
+    assert!(line.contains("hooked newuname return"), "{line}");
+    let site = addr_after(&line, "@");
+    let stub = addr_after(&line, "->jmp ");
+    assert!(!lab.sh("uname -n").trim().is_empty());
+    let r = lab.scan();
+    assert_eq!(
+        checks_of(&r),
+        vec![Check::InlineHook],
+        "{}",
+        describe(&r.findings)
+    );
+    assert_eq!(r.findings.len(), 1, "{}", describe(&r.findings));
+    let f = &r.findings[0];
+    assert!(f.object.ends_with("(patch site)"), "{f}");
+    assert_eq!(f.location, site, "{f}");
+    assert_eq!(f.actual.as_ref().map(|a| a.addr), Some(stub), "{f}");
+    assert_eq!(f.module.as_deref(), Some("rk_inline"), "{f}");
+    assert!(r.coverage.patch_sites > 1000, "{:?}", r.coverage);
+    lab.sh("rmmod rk_inline");
+    lab.assert_clean("after rmmod rk_inline at=return");
+
     // 4. tcp4's seq_operations.show and /proc's iterate_shared swapped.
     let pid = lab
         .sh("nc.openbsd -4 -k -l 31337 >/dev/null 2>&1 & echo $!")

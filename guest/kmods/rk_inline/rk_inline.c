@@ -20,9 +20,18 @@
  * Do not enable ftrace on __x64_sys_newuname while loaded (ftrace would find
  * our jmp where it expects its nop, refuse, and WARN).
  *
+ * at=return instead hooks the first return site at or after the function's
+ * entry (`jmp __x86_return_thunk`, or the `ret; int3...` the kernel patched
+ * it to; a tail-calling function has none, and the next one's is taken), one
+ * of the bytes the kernel itself rewrites at boot: a `jmp` to a stub in this
+ * module that returns through the return thunk. uname(2) behaves as before;
+ * a text check that skips the kernel's patch sites sees nothing.
+ *
  * One line on load, for tests (addresses raw):
  *   rk_inline: hooked newuname inline nodename=<n> \
  *     __x64_sys_newuname+0x<off>@0x<patched address>:<5 old bytes hex>->jmp 0x<fake_newuname>
+ *   rk_inline: hooked newuname return \
+ *     __x64_sys_newuname+0x<off>@0x<patched address>:<5 old bytes hex>->jmp 0x<stub>
  */
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
 
@@ -48,7 +57,23 @@ static char *nodename = "rk-inline-owned";
 module_param(nodename, charp, 0444);
 MODULE_PARM_DESC(nodename, "nodename uname(2) reports while loaded");
 
+static char *at = "entry";
+module_param(at, charp, 0444);
+MODULE_PARM_DESC(at, "entry (replace the function) or return (hook its first return site)");
+
 #include "rk_common.h"
+
+/* at=return: the hooked return goes on through the kernel's return thunk. */
+void rk_inline_ret(void);
+asm(".pushsection .text, \"ax\"\n"
+    ".globl rk_inline_ret\n"
+    ".type rk_inline_ret, @function\n"
+    "rk_inline_ret:\n"
+    "\tendbr64\n"
+    "\tjmp __x86_return_thunk\n"
+    "\tint3\n"
+    ".size rk_inline_ret, .-rk_inline_ret\n"
+    ".popsection\n");
 
 
 static int wp_patch_one(void *dst, const void *src, size_t len)
@@ -105,8 +130,32 @@ static int __init rk_inline_init(void)
 	patch_at = fn;
 	if (is_endbr64(fn))
 		patch_at += 4;
+	if (!strcmp(at, "return")) {
+		unsigned long thunk = kln("__x86_return_thunk"), a;
+
+		patch_at = 0;
+		for (a = fn + 4; a < fn + 512 && thunk; a++) {
+			const u8 *b = (const u8 *)a;
+			s32 off;
+
+			memcpy(&off, b + 1, 4);
+			if ((b[0] == 0xe9 && a + 5 + (s64)off == thunk) ||
+			    (b[0] == 0xc3 && b[1] == 0xcc && b[2] == 0xcc && b[3] == 0xcc && b[4] == 0xcc)) {
+				patch_at = a;
+				break;
+			}
+		}
+		if (!patch_at) {
+			pr_err("no return site found in __x64_sys_newuname\n");
+			return -ENOENT;
+		}
+		dest = (unsigned long)rk_inline_ret;
+	} else if (strcmp(at, "entry")) {
+		pr_err("at=%s: expected entry or return\n", at);
+		return -EINVAL;
+	}
 	memcpy(old_bytes, (void *)patch_at, PATCH_LEN);
-	if (old_bytes[0] == 0xe9 || old_bytes[0] == 0xe8) {
+	if (dest == (unsigned long)fake_newuname && (old_bytes[0] == 0xe9 || old_bytes[0] == 0xe8)) {
 		pr_err("__x64_sys_newuname already starts with a jmp/call (traced or hooked)\n");
 		return -EBUSY;
 	}
@@ -123,8 +172,12 @@ static int __init rk_inline_init(void)
 	if (err)
 		return err;
 	patched = true;
-	pr_info("hooked newuname inline nodename=%s __x64_sys_newuname+0x%lx@%px:%5phN->jmp %px\n",
-		nodename, patch_at - fn, (void *)patch_at, old_bytes, fake_newuname);
+	if (dest == (unsigned long)rk_inline_ret)
+		pr_info("hooked newuname return __x64_sys_newuname+0x%lx@%px:%5phN->jmp %px\n",
+			patch_at - fn, (void *)patch_at, old_bytes, rk_inline_ret);
+	else
+		pr_info("hooked newuname inline nodename=%s __x64_sys_newuname+0x%lx@%px:%5phN->jmp %px\n",
+			nodename, patch_at - fn, (void *)patch_at, old_bytes, fake_newuname);
 	return 0;
 }
 
